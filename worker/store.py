@@ -1,0 +1,634 @@
+"""The store: every read and write of machines, history, outbox and commands, in SQLAlchemy Core.
+
+One code path serves MySQL/MariaDB (mysqlclient) and SQLite (the embedded default). Each
+public method is one transaction; decisions come in already made by `worker.decisions`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Row,
+    Table,
+    and_,
+    create_engine,
+    event,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.pool import StaticPool
+
+from worker import decisions, locks, tables
+from worker.decisions import Decision, Happening
+from worker.definition import Direction, LockPolicy, MachineType, Registry
+from worker.errors import (
+    DuplicateCommandError,
+    DuplicateMachineError,
+    MachineNotFoundError,
+    RequestPendingError,
+    StaleWriteError,
+    StoreUnavailableError,
+)
+from worker.records import (
+    HistoryEntry,
+    Machine,
+    Request,
+    dump_json,
+    naive,
+    transition_event,
+    utc,
+)
+from worker.states import State
+
+T = TypeVar("T")
+DEADLOCK_RETRIES = 5
+_RETRYABLE_MYSQL_CODES = {1205, 1213}  # lock wait timeout, deadlock
+
+
+@dataclass(frozen=True)
+class Inbox:
+    """Where a command came from; recorded so that a redelivered command is applied once."""
+
+    command_id: str
+    command: str
+    machine_type: str
+    machine_id: str | None
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A machine this worker now leases, with the database time of the claim."""
+
+    machine: Machine
+    db_now: datetime
+
+
+def make_engine(url: str, *, pool_size: int = 10) -> Engine:
+    """An Engine configured for the worker: READ COMMITTED on MySQL, serialised writes on SQLite."""
+    if url.startswith("sqlite"):
+        memory = url in ("sqlite://", "sqlite:///:memory:")
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 30},
+            poolclass=StaticPool if memory else None,
+        )
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_connection: Any, record: Any) -> None:
+            del record
+            dbapi_connection.isolation_level = None
+            if not memory:
+                dbapi_connection.execute("PRAGMA journal_mode=WAL")
+            dbapi_connection.execute("PRAGMA busy_timeout=30000")
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(connection: Connection) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(
+        url,
+        isolation_level="READ COMMITTED",
+        pool_pre_ping=True,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_recycle=3600,
+    )
+
+
+def _is_retryable(exc: DBAPIError) -> bool:
+    args = getattr(exc.orig, "args", ())
+    return bool(args) and args[0] in _RETRYABLE_MYSQL_CODES
+
+
+def machine_from_row(type_name: str, row: Row[Any]) -> Machine:
+    state = json.loads(row.SerializedState)
+    engine_fields = state.get("engine", {})
+    return Machine(
+        machine_type=type_name,
+        id=row.ID,
+        lookup_key=row.LookupKey,
+        state=State(row.CurrentState),
+        step=row.ResumeFromStep,
+        data=state.get("data", {}),
+        fingerprint=row.DefinitionFingerprint,
+        version=row.Version,
+        sequence=engine_fields.get("sequence", 0),
+        direction=Direction(engine_fields.get("direction", "forward")),
+        completed_steps=engine_fields.get("completed_steps", 0),
+        retry_count=row.RetryCount,
+        last_error=engine_fields.get("last_error"),
+        save_after_step=bool(row.SaveAfterStep),
+        event_topic=row.KafkaEventTopic,
+        uses_global_lock=bool(row.UsesGlobalLock),
+        uses_local_lock=bool(row.UsesLocalLock),
+        unlocked_at=utc(row.UnlockedTimestamp),
+        last_retry_at=utc(row.LastRetryTimestamp),
+        next_run_at=utc(row.NextRunTimestamp),
+        created_at=utc(row.CreatedTimestamp),
+        updated_at=utc(row.UpdatedTimestamp),
+        lease_owner=row.LeaseOwner,
+        lease_expires_at=utc(row.LeaseExpiresTimestamp),
+        request=Request.from_json(row.PendingRequest),
+    )
+
+
+def machine_values(machine: Machine) -> dict[str, Any]:
+    """The row values a machine writes (lease and request columns are written separately)."""
+    return {
+        "Name": machine.machine_type,
+        "LookupKey": machine.lookup_key,
+        "CurrentState": machine.state.value,
+        "ResumeFromStep": machine.step,
+        "SaveAfterStep": machine.save_after_step,
+        "KafkaEventTopic": machine.event_topic,
+        "SerializedState": machine.serialized_state,
+        "CreatedTimestamp": naive(machine.created_at),
+        "UpdatedTimestamp": naive(machine.updated_at),
+        "UsesGlobalLock": machine.uses_global_lock,
+        "UsesLocalLock": machine.uses_local_lock,
+        "UnlockedTimestamp": naive(machine.unlocked_at),
+        "LastRetryTimestamp": naive(machine.last_retry_at),
+        "RetryCount": machine.retry_count,
+        "NextRunTimestamp": naive(machine.next_run_at),
+        "DefinitionFingerprint": machine.fingerprint,
+    }
+
+
+def history_from_row(row: Row[Any]) -> HistoryEntry:
+    return HistoryEntry(
+        machine_type=row.StateMachineType,
+        machine_id=row.StateMachineID,
+        sequence=row.Sequence,
+        event_id=row.EventID,
+        event=row.Event,
+        from_state=row.FromState,
+        to_state=row.ToState,
+        from_step=row.FromStep,
+        to_step=row.ToStep,
+        handler=row.Handler,
+        input_data=json.loads(row.InputData) if row.InputData is not None else None,
+        output_data=json.loads(row.OutputData) if row.OutputData is not None else None,
+        error=row.Error,
+        attempt=row.Attempt,
+        duration_ms=row.DurationMs,
+        occurred_at=utc(row.OccurredTimestamp) or row.OccurredTimestamp,
+        worker_id=row.WorkerID,
+        command_id=row.CommandID,
+        actor=row.Actor,
+        reason=row.Reason,
+    )
+
+
+def _history_values(entry: HistoryEntry) -> dict[str, Any]:
+    return {
+        "StateMachineType": entry.machine_type,
+        "StateMachineID": entry.machine_id,
+        "Sequence": entry.sequence,
+        "EventID": entry.event_id,
+        "Event": entry.event,
+        "FromState": entry.from_state,
+        "ToState": entry.to_state,
+        "FromStep": entry.from_step,
+        "ToStep": entry.to_step,
+        "Handler": entry.handler,
+        "InputData": None if entry.input_data is None else dump_json(entry.input_data),
+        "OutputData": None if entry.output_data is None else dump_json(entry.output_data),
+        "Error": entry.error,
+        "Attempt": entry.attempt,
+        "DurationMs": entry.duration_ms,
+        "WorkerID": entry.worker_id,
+        "CommandID": entry.command_id,
+        "Actor": entry.actor,
+        "Reason": entry.reason,
+        "OccurredTimestamp": naive(entry.occurred_at),
+    }
+
+
+class Store:
+    """Machines, their history, the outbox and the command inbox, behind one seam."""
+
+    def __init__(
+        self,
+        engine: Engine | str,
+        registry: Registry,
+        *,
+        default_topic: str = "statemachine.events",
+    ) -> None:
+        self.engine = make_engine(engine) if isinstance(engine, str) else engine
+        self.registry = registry
+        self.default_topic = default_topic
+        self.dialect = self.engine.dialect.name
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    @contextmanager
+    def _connect(self) -> Iterator[Connection]:
+        try:
+            with self.engine.connect() as conn:
+                yield conn
+        except OperationalError as exc:
+            raise StoreUnavailableError(
+                f"database unreachable or transaction failed: {type(exc.orig).__name__}: {exc.orig}"
+            ) from exc
+
+    def run(self, work: Callable[[Connection], T]) -> T:
+        """Run `work` in one transaction, retrying it on deadlock or lock-wait timeout."""
+        for attempt in range(DEADLOCK_RETRIES):
+            try:
+                with self._connect() as conn, conn.begin():
+                    return work(conn)
+            except StoreUnavailableError as exc:
+                cause = exc.__cause__
+                if (
+                    isinstance(cause, DBAPIError)
+                    and _is_retryable(cause)
+                    and attempt < DEADLOCK_RETRIES - 1
+                ):
+                    continue
+                raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def table(self, type_name: str) -> Table:
+        return tables.machine_table(self.registry.get_type(type_name).name)
+
+    def topic_for(self, machine: Machine) -> str:
+        return machine.event_topic or self.default_topic
+
+    def ensure_schema(self) -> list[str]:
+        """Create the shared tables and one table per registered type, if missing."""
+        for name in self.registry:
+            tables.machine_table(name)
+        wanted = [tables.machine_table_name(n) for n in self.registry]
+        shared = [
+            t
+            for t in tables.metadata.sorted_tables
+            if not t.name.startswith("STATE_MACHINE_")
+            or t.name in ("STATE_MACHINE_HISTORY", "STATE_MACHINE_TYPE_LOCK")
+        ]
+        create = shared + [tables.metadata.tables[n] for n in wanted]
+        with self._connect() as conn, conn.begin():
+            tables.metadata.create_all(conn, tables=create, checkfirst=True)
+            if conn.execute(select(func.count()).select_from(tables.outbox_relay)).scalar() == 0:
+                conn.execute(insert(tables.outbox_relay).values(Name="relay"))
+        return [t.name for t in create]
+
+    def db_now(self) -> datetime:
+        with self._connect() as conn:
+            return _as_datetime(conn.execute(select(tables.utc_now())).scalar_one())
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def _record_inbox(self, conn: Connection, inbox: Inbox, outcome: str) -> None:
+        try:
+            with conn.begin_nested():
+                conn.execute(
+                    insert(tables.processed_command).values(
+                        CommandID=inbox.command_id,
+                        Command=inbox.command,
+                        StateMachineType=inbox.machine_type,
+                        StateMachineID=inbox.machine_id,
+                        Outcome=outcome,
+                        KafkaTopic=inbox.topic,
+                        KafkaPartition=inbox.partition,
+                        KafkaOffset=inbox.offset,
+                        ReceivedTimestamp=tables.utc_now(),
+                    )
+                )
+        except IntegrityError as exc:
+            raise DuplicateCommandError(inbox.command_id) from exc
+
+    def _write_history(
+        self, conn: Connection, machine: Machine, entries: Sequence[HistoryEntry]
+    ) -> None:
+        if not entries:
+            return
+        conn.execute(insert(tables.history), [_history_values(e) for e in entries])
+        topic = self.topic_for(machine)
+        conn.execute(
+            insert(tables.outbox),
+            [
+                {
+                    "EventID": e.event_id,
+                    "Topic": topic,
+                    "MessageKey": machine.id,
+                    "Payload": dump_json(
+                        transition_event(machine.evolve(data=e.output_data or {}), e)
+                    ),
+                    "CreatedTimestamp": naive(e.occurred_at),
+                }
+                for e in entries
+            ],
+        )
+
+    def create_machine(self, decision: Decision, inbox: Inbox | None = None) -> Machine:
+        """Insert a new machine with its first history entry (and the command that made it)."""
+        machine = decision.machine
+        table = self.table(machine.machine_type)
+
+        def work(conn: Connection) -> Machine:
+            if inbox is not None:
+                self._record_inbox(conn, inbox, "applied")
+            locks.check_type_not_rejected(conn, machine.machine_type)
+            try:
+                with conn.begin_nested():
+                    conn.execute(
+                        insert(table).values(
+                            ID=machine.id,
+                            Version=1,
+                            NextRunTimestamp=tables.utc_now(),
+                            **{
+                                k: v
+                                for k, v in machine_values(machine).items()
+                                if k != "NextRunTimestamp"
+                            },
+                        )
+                    )
+            except IntegrityError as exc:
+                raise DuplicateMachineError(machine.machine_type, machine.id) from exc
+            self._write_history(conn, machine, decision.history)
+            return machine.evolve(version=1)
+
+        return self.run(work)
+
+    def record_request(
+        self, machine_type: str, machine_id: str, request: Request, inbox: Inbox | None = None
+    ) -> Machine:
+        """Store a command for the machine to apply when its current step ends."""
+        table = self.table(machine_type)
+
+        def work(conn: Connection) -> Machine:
+            if inbox is not None:
+                self._record_inbox(conn, inbox, "applied")
+            row = conn.execute(
+                select(table).where(machine_id == table.c.ID).with_for_update()
+            ).first()
+            if row is None:
+                raise MachineNotFoundError(machine_type, machine_id)
+            machine = machine_from_row(machine_type, row)
+            if machine.request is not None:
+                raise RequestPendingError(machine.request.command)
+            decisions.check_request(machine.state, request.command, request.target_state)
+            conn.execute(
+                update(table)
+                .where(machine_id == table.c.ID)
+                .values(PendingRequest=request.to_json(), NextRunTimestamp=tables.utc_now())
+            )
+            return machine.evolve(request=request)
+
+        return self.run(work)
+
+    def claim(
+        self,
+        type_name: str,
+        worker_id: str,
+        lease_seconds: float,
+        *,
+        limit: int = 1,
+        machine_id: str | None = None,
+    ) -> list[Claimed]:
+        """Lease up to `limit` due machines of a type that no live lease holds."""
+        table = self.table(type_name)
+        lease_ms = int(lease_seconds * 1000)
+
+        def work(conn: Connection) -> list[Claimed]:
+            due = and_(
+                table.c.NextRunTimestamp <= tables.utc_now(),
+                or_(
+                    table.c.LeaseOwner.is_(None),
+                    table.c.LeaseExpiresTimestamp < tables.utc_now(),
+                ),
+            )
+            query = select(table, tables.utc_now().label("db_now")).where(due)
+            if machine_id is not None:
+                query = query.where(machine_id == table.c.ID)
+            rows = conn.execute(
+                query.order_by(table.c.NextRunTimestamp)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ).all()
+            if not rows:
+                return []
+            conn.execute(
+                update(table)
+                .where(table.c.ID.in_([r.ID for r in rows]))
+                .values(
+                    LeaseOwner=worker_id,
+                    LeaseExpiresTimestamp=tables.utc_now_plus(literal(lease_ms)),
+                    Version=table.c.Version + 1,
+                )
+            )
+            return [
+                Claimed(
+                    machine_from_row(type_name, r).evolve(
+                        version=r.Version + 1, lease_owner=worker_id
+                    ),
+                    _as_datetime(r.db_now),
+                )
+                for r in rows
+            ]
+
+        return self.run(work)
+
+    def commit(self, before: Machine, decision: Decision, *, lease_seconds: float) -> Machine:
+        """Apply a decision made while holding the lease at `before.version`.
+
+        Returns the machine as written. If a command arrived during the step, the returned
+        machine carries it and keeps the lease, so the engine applies it next.
+        """
+        return self.run(lambda conn: self._apply(conn, before, decision, lease_seconds))
+
+    def start(
+        self,
+        before: Machine,
+        definition: MachineType,
+        at: Happening,
+        *,
+        lease_seconds: float,
+        recheck_seconds: float = 10.0,
+    ) -> tuple[Machine, Decision]:
+        """Take the type's locks and open the machine, or leave it waiting for them."""
+
+        def work(conn: Connection) -> tuple[Machine, Decision]:
+            blocked_by, lifts_at = locks.blocker(conn, self.registry, before, definition)
+            recheck = at.now + timedelta(seconds=recheck_seconds)
+            if lifts_at is not None:
+                recheck = min(recheck, lifts_at)
+            decision = decisions.start(
+                before, definition, at, blocked_by=blocked_by, recheck_at=recheck
+            )
+            return self._apply(conn, before, decision, lease_seconds), decision
+
+        return self.run(work)
+
+    def _apply(
+        self, conn: Connection, before: Machine, decision: Decision, lease_seconds: float
+    ) -> Machine:
+        table = self.table(before.machine_type)
+        lease_ms = int(lease_seconds * 1000)
+        machine = decision.machine
+        values = machine_values(machine)
+        if decision.continue_now:
+            values.update(LeaseExpiresTimestamp=tables.utc_now_plus(literal(lease_ms)))
+        else:
+            values.update(LeaseOwner=None, LeaseExpiresTimestamp=None)
+        if decision.release_locks and (machine.uses_local_lock or machine.uses_global_lock):
+            values["UnlockedTimestamp"] = tables.utc_now()
+        clears_request = before.request is not None and machine.request is None
+        if clears_request:
+            values["PendingRequest"] = None
+        fenced = and_(before.id == table.c.ID, table.c.Version == before.version)
+        condition = fenced if clears_request else and_(fenced, table.c.PendingRequest.is_(None))
+        version = before.version + 1
+        written = conn.execute(update(table).where(condition).values(Version=version, **values))
+        request = None
+        if written.rowcount == 0:
+            row = conn.execute(
+                select(table.c.Version, table.c.PendingRequest)
+                .where(before.id == table.c.ID)
+                .with_for_update()
+            ).first()
+            if row is None or row.Version != before.version:
+                raise StaleWriteError(before.machine_type, before.id, before.version)
+            request = Request.from_json(row.PendingRequest)
+            values.update(
+                LeaseOwner=before.lease_owner,
+                LeaseExpiresTimestamp=tables.utc_now_plus(literal(lease_ms)),
+            )
+            conn.execute(update(table).where(fenced).values(Version=version, **values))
+        self._write_history(conn, machine, decision.history)
+        if (
+            decision.release_locks
+            and self.registry.get_type(machine.machine_type).lock_policy is not LockPolicy.NONE
+        ):
+            locks.release(conn, self.registry, machine)
+        keeps_lease = decision.continue_now or request is not None
+        return machine.evolve(
+            version=version,
+            request=request,
+            lease_owner=before.lease_owner if keeps_lease else None,
+        )
+
+    def renew_lease(self, machine: Machine, lease_seconds: float) -> bool:
+        """Extend this worker's lease; False when the machine moved on without it."""
+        table = self.table(machine.machine_type)
+
+        def work(conn: Connection) -> bool:
+            result = conn.execute(
+                update(table)
+                .where(
+                    machine.id == table.c.ID,
+                    table.c.Version == machine.version,
+                    table.c.LeaseOwner == machine.lease_owner,
+                )
+                .values(
+                    LeaseExpiresTimestamp=tables.utc_now_plus(literal(int(lease_seconds * 1000)))
+                )
+            )
+            return bool(result.rowcount)
+
+        return self.run(work)
+
+    def release_lease(self, machine: Machine) -> None:
+        """Hand a leased machine back so another worker can run it at once."""
+        table = self.table(machine.machine_type)
+        self.run(
+            lambda conn: conn.execute(
+                update(table)
+                .where(machine.id == table.c.ID, table.c.Version == machine.version)
+                .values(LeaseOwner=None, LeaseExpiresTimestamp=None)
+            )
+        )
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def load(self, type_name: str, machine_id: str) -> Machine:
+        table = self.table(type_name)
+        with self._connect() as conn:
+            row = conn.execute(select(table).where(machine_id == table.c.ID)).first()
+        if row is None:
+            raise MachineNotFoundError(type_name, machine_id)
+        return machine_from_row(type_name, row)
+
+    def history(self, type_name: str, machine_id: str) -> tuple[HistoryEntry, ...]:
+        h = tables.history
+        with self._connect() as conn:
+            rows = conn.execute(
+                select(h)
+                .where(h.c.StateMachineType == type_name, h.c.StateMachineID == machine_id)
+                .order_by(h.c.Sequence)
+            ).all()
+        return tuple(history_from_row(r) for r in rows)
+
+    def list_machines(
+        self,
+        type_name: str,
+        *,
+        state: str | None = None,
+        lookup_key: str | None = None,
+        limit: int = 100,
+        after_id: str | None = None,
+    ) -> list[Machine]:
+        """Machines of one type, filtered and paged by id (pass the last id as `after_id`)."""
+        table = self.table(type_name)
+        query = select(table).order_by(table.c.ID).limit(limit)
+        if state is not None:
+            query = query.where(table.c.CurrentState == state)
+        if lookup_key is not None:
+            query = query.where(table.c.LookupKey == lookup_key)
+        if after_id is not None:
+            query = query.where(after_id < table.c.ID)
+        with self._connect() as conn:
+            rows = conn.execute(query).all()
+        return [machine_from_row(type_name, r) for r in rows]
+
+    def count_by_state(self, type_name: str) -> dict[str, int]:
+        table = self.table(type_name)
+        with self._connect() as conn:
+            rows = conn.execute(
+                select(table.c.CurrentState, func.count()).group_by(table.c.CurrentState)
+            ).all()
+        return {state: count for state, count in rows}
+
+    def runnable_backlog(self, type_name: str) -> int:
+        table = self.table(type_name)
+        with self._connect() as conn:
+            return int(
+                conn.execute(
+                    select(func.count())
+                    .select_from(table)
+                    .where(table.c.NextRunTimestamp <= tables.utc_now())
+                ).scalar_one()
+            )
+
+    def next_due(self, type_name: str) -> datetime | None:
+        """When the earliest scheduled machine of this type becomes due (None if none)."""
+        table = self.table(type_name)
+        with self._connect() as conn:
+            value = conn.execute(select(func.min(table.c.NextRunTimestamp))).scalar()
+        return None if value is None else _as_datetime(value)
+
+
+def _as_datetime(value: Any) -> datetime:
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    result = utc(value)
+    if result is None:
+        raise StoreUnavailableError("the database returned no current time")
+    return result
