@@ -329,6 +329,7 @@ def begin_rollback(
     event: Event = Event.ROLLBACK_STARTED,
 ) -> Decision:
     """Turn backward: compensate the completed steps newest first, or finish if there are none."""
+    changes: dict[str, Any]
     if machine.completed_steps == 0:
         target, changes = State.ROLLBACK_COMPLETED, {"direction": Direction.BACKWARD}
     else:
@@ -394,7 +395,8 @@ def check_request(state: State, command: str, target_state: str | None = None) -
     event = REQUEST_EVENTS[command]
     allowed = allowed_targets(state, event)
     if command == "override" and target_state is not None:
-        allowed = allowed & {State(target_state)} if target_state in State else frozenset()
+        known = target_state in {s.value for s in State}
+        allowed = allowed & {State(target_state)} if known else frozenset()
     if not allowed:
         raise CommandRejectedError(
             f"{command} is not allowed for a machine in state {state.value!r}",

@@ -236,8 +236,11 @@ class Engine:
             outcome = Raised(error=f"{type(exc).__name__}: {exc}")
         seconds = time.monotonic() - started
         self.hooks.step(machine.machine_type, step.name, seconds, type(outcome).__name__.lower())
-        timed = Happening(now=at.now + timedelta(seconds=seconds), worker_id=self.worker_id,
-                          duration_ms=round(seconds * 1000, 3))
+        timed = Happening(
+            now=at.now + timedelta(seconds=seconds),
+            worker_id=self.worker_id,
+            duration_ms=round(seconds * 1000, 3),
+        )
         return decisions.step_finished(machine, definition, outcome, timed)
 
     def _apply_request(self, machine: Machine, definition: MachineType, at: Happening) -> Decision:

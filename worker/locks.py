@@ -138,7 +138,7 @@ def blocker(
                 table.c.LookupKey == key,
                 table.c.UsesLocalLock.is_(True),
                 _active(table.c.UnlockedTimestamp),
-                machine.id != table.c.ID,
+                table.c.ID != machine.id,
             )
             .limit(1)
         ).first()
@@ -150,7 +150,7 @@ def blocker(
             .where(
                 table.c.LookupKey == key,
                 table.c.CurrentState.in_([State.PENDING.value, State.WAITING.value]),
-                machine.id != table.c.ID,
+                table.c.ID != machine.id,
                 or_(
                     table.c.CreatedTimestamp < naive(machine.created_at),
                     and_(
@@ -207,7 +207,7 @@ def wake_waiters(conn: Connection, registry: Registry, lookup_key: str) -> None:
         if oldest is not None:
             conn.execute(
                 update(table)
-                .where(oldest[0] == table.c.ID, table.c.CurrentState == State.WAITING.value)
+                .where(table.c.ID == oldest[0], table.c.CurrentState == State.WAITING.value)
                 .values(NextRunTimestamp=tables.utc_now())
             )
 

@@ -29,9 +29,9 @@ def compute_backoff(policy: RetryPolicy, attempt: int, rand: float | None = None
 
     `rand` in [0, 1) makes the jitter deterministic for tests; None draws one.
     """
-    raw = policy.base_delay * (2 ** max(attempt - 1, 0))
+    raw = policy.base_delay * float(2 ** max(attempt - 1, 0))
     capped = min(raw, policy.max_delay)
-    draw = random.random() if rand is None else rand  # noqa: S311  # jitter, not security
+    draw: float = random.random() if rand is None else rand  # noqa: S311  # jitter, not security
     return max(0.0, capped * (1 + policy.jitter * (2 * draw - 1)))
 
 

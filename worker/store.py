@@ -113,7 +113,7 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
 
 
 def _is_retryable(exc: DBAPIError) -> bool:
-    args = getattr(exc.orig, "args", ())
+    args: tuple[Any, ...] = getattr(exc.orig, "args", ())
     return bool(args) and args[0] in _RETRYABLE_MYSQL_CODES
 
 
@@ -377,7 +377,7 @@ class Store:
             if inbox is not None:
                 self._record_inbox(conn, inbox, "applied")
             row = conn.execute(
-                select(table).where(machine_id == table.c.ID).with_for_update()
+                select(table).where(table.c.ID == machine_id).with_for_update()
             ).first()
             if row is None:
                 raise MachineNotFoundError(machine_type, machine_id)
@@ -387,7 +387,7 @@ class Store:
             decisions.check_request(machine.state, request.command, request.target_state)
             conn.execute(
                 update(table)
-                .where(machine_id == table.c.ID)
+                .where(table.c.ID == machine_id)
                 .values(PendingRequest=request.to_json(), NextRunTimestamp=tables.utc_now())
             )
             return machine.evolve(request=request)
@@ -417,7 +417,7 @@ class Store:
             )
             query = select(table, tables.utc_now().label("db_now")).where(due)
             if machine_id is not None:
-                query = query.where(machine_id == table.c.ID)
+                query = query.where(table.c.ID == machine_id)
             rows = conn.execute(
                 query.order_by(table.c.NextRunTimestamp)
                 .limit(limit)
@@ -493,7 +493,7 @@ class Store:
         clears_request = before.request is not None and machine.request is None
         if clears_request:
             values["PendingRequest"] = None
-        fenced = and_(before.id == table.c.ID, table.c.Version == before.version)
+        fenced = and_(table.c.ID == before.id, table.c.Version == before.version)
         condition = fenced if clears_request else and_(fenced, table.c.PendingRequest.is_(None))
         version = before.version + 1
         written = conn.execute(update(table).where(condition).values(Version=version, **values))
@@ -501,7 +501,7 @@ class Store:
         if written.rowcount == 0:
             row = conn.execute(
                 select(table.c.Version, table.c.PendingRequest)
-                .where(before.id == table.c.ID)
+                .where(table.c.ID == before.id)
                 .with_for_update()
             ).first()
             if row is None or row.Version != before.version:
@@ -533,7 +533,7 @@ class Store:
             result = conn.execute(
                 update(table)
                 .where(
-                    machine.id == table.c.ID,
+                    table.c.ID == machine.id,
                     table.c.Version == machine.version,
                     table.c.LeaseOwner == machine.lease_owner,
                 )
@@ -551,7 +551,7 @@ class Store:
         self.run(
             lambda conn: conn.execute(
                 update(table)
-                .where(machine.id == table.c.ID, table.c.Version == machine.version)
+                .where(table.c.ID == machine.id, table.c.Version == machine.version)
                 .values(LeaseOwner=None, LeaseExpiresTimestamp=None)
             )
         )
@@ -561,7 +561,7 @@ class Store:
     def load(self, type_name: str, machine_id: str) -> Machine:
         table = self.table(type_name)
         with self._connect() as conn:
-            row = conn.execute(select(table).where(machine_id == table.c.ID)).first()
+            row = conn.execute(select(table).where(table.c.ID == machine_id)).first()
         if row is None:
             raise MachineNotFoundError(type_name, machine_id)
         return machine_from_row(type_name, row)
@@ -604,7 +604,7 @@ class Store:
             rows = conn.execute(
                 select(table.c.CurrentState, func.count()).group_by(table.c.CurrentState)
             ).all()
-        return {state: count for state, count in rows}
+        return dict(rows)
 
     def runnable_backlog(self, type_name: str) -> int:
         table = self.table(type_name)
