@@ -275,14 +275,10 @@ class Store:
         """Create the shared tables and one table per registered type, if missing."""
         for name in self.registry:
             tables.machine_table(name)
-        wanted = [tables.machine_table_name(n) for n in self.registry]
-        shared = [
-            t
-            for t in tables.metadata.sorted_tables
-            if not t.name.startswith("STATE_MACHINE_")
-            or t.name in ("STATE_MACHINE_HISTORY", "STATE_MACHINE_TYPE_LOCK")
-        ]
-        create = shared + [tables.metadata.tables[n] for n in wanted]
+        wanted = set(tables.shared_table_names()) | {
+            tables.machine_table_name(n) for n in self.registry
+        }
+        create = [t for t in tables.metadata.sorted_tables if t.name in wanted]
         with self._connect() as conn, conn.begin():
             tables.metadata.create_all(conn, tables=create, checkfirst=True)
             if conn.execute(select(func.count()).select_from(tables.outbox_relay)).scalar() == 0:

@@ -140,6 +140,20 @@ operator_audit = Table(
 )
 
 
+def shared_table_names() -> list[str]:
+    """The tables every deployment has, whatever its machine types."""
+    return [
+        global_lock.name,
+        lookup_key_mutex.name,
+        type_lock.name,
+        history.name,
+        outbox.name,
+        outbox_relay.name,
+        processed_command.name,
+        operator_audit.name,
+    ]
+
+
 def machine_table_name(type_name: str) -> str:
     if not TYPE_NAME.fullmatch(type_name):
         raise InvalidTypeNameError(type_name)
