@@ -24,4 +24,4 @@ def render_ddl(registry: Registry, dialect: str = "mysql") -> str:
             str(CreateIndex(index).compile(dialect=target)).strip() + ";"
             for index in sorted(table.indexes, key=lambda i: str(i.name))
         )
-    return "\n\n".join(statements) + "\n"
+    return "\n\n".join(statements)
