@@ -449,7 +449,7 @@ def apply_request(
             after, entry = transition(
                 cleared,
                 Event.RESUMED,
-                State.OPEN,
+                State.OPEN if holds_locks(cleared, definition) else State.PENDING,
                 at,
                 handler=handler,
                 error=hook_error,
@@ -471,6 +471,14 @@ def apply_request(
         case _:
             return _override(cleared, definition, State(request.target_state or ""), at)
     return _decided(after, (entry,), definition)
+
+
+def holds_locks(machine: Machine, definition: MachineType) -> bool:
+    """False for a machine paused before it took the locks its type needs."""
+    policy = definition.lock_policy
+    has_local = machine.uses_local_lock or not policy.uses_local
+    has_global = machine.uses_global_lock or not policy.uses_global
+    return has_local and has_global
 
 
 def _retry_target(machine: Machine) -> State:

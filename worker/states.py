@@ -81,7 +81,7 @@ TRANSITIONS: dict[Event, dict[State, frozenset[State]]] = {
         s: frozenset({State.PAUSED})
         for s in (State.PENDING, State.WAITING, State.OPEN, State.RETRY)
     },
-    Event.RESUMED: {State.PAUSED: frozenset({State.OPEN})},
+    Event.RESUMED: {State.PAUSED: frozenset({State.OPEN, State.PENDING})},
     Event.CANCELLED: {
         s: frozenset({State.CANCELLED})
         for s in (State.PENDING, State.WAITING, State.OPEN, State.RETRY, State.PAUSED, State.PARKED)

@@ -295,3 +295,21 @@ class MachineRules(RuleBasedStateMachine):
 
 MachineRules.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
 TestMachineRules = MachineRules.TestCase
+
+
+def test_a_machine_paused_before_it_took_its_locks_resumes_into_pending() -> None:
+    """Resume never skips lock acquisition: it goes back to pending to take the locks."""
+    locked = MachineType(name="locked_four", steps=FOUR.steps, lock_policy="local")
+    created = decisions.create(locked, "m2", "acct", {}, AT).machine
+    paused = decisions.apply_request(created, locked, Request("pause", "p"), AT).machine
+    resumed = decisions.apply_request(paused, locked, Request("resume", "r"), AT).machine
+    assert (paused.state, resumed.state, resumed.next_run_at) == (
+        State.PAUSED,
+        State.PENDING,
+        T0,
+    )
+    holding = opened()
+    paused_open = decisions.apply_request(holding, FOUR, Request("pause", "p"), AT).machine
+    assert decisions.apply_request(paused_open, FOUR, Request("resume", "r"), AT).machine.state is (
+        State.OPEN
+    )
