@@ -84,7 +84,7 @@ class LoggingHooks(Hooks):
             machine_id=machine.id,
             lookup_key=machine.lookup_key,
             sequence=entry.sequence,
-            event=entry.event,
+            transition=entry.event,
             from_state=entry.from_state,
             to_state=entry.to_state,
             step=entry.handler,
