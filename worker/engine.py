@@ -152,6 +152,8 @@ class Engine:
                         recheck_seconds=self.lock_recheck_seconds,
                     )
                     machine = committed
+                    if machine.updated_at is not None and machine.updated_at > clock.now():
+                        clock = DbClock.at(machine.updated_at)  # the start's database time
                     self._observed(machine, started)
                     if machine.state is State.OPEN and machine.lease_owner:
                         self._track(machine)

@@ -12,7 +12,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, Table, and_, delete, insert, or_, select, update
+from sqlalchemy import Connection, Table, and_, bindparam, delete, insert, or_, select, update
 from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -55,12 +55,16 @@ def _active(column: Any) -> ColumnElement[bool]:
 
 
 def _scope_tables(registry: Registry, policy: LockPolicy, own: MachineType) -> list[Table]:
-    if not policy.uses_global:
-        return [tables.machine_table(own.name)]
+    """The tables whose older machines on the key go first: every type whose locks conflict.
+
+    A local lock conflicts with its own type and with every type that takes global locks, so
+    a newer local machine queues behind an older waiting global one instead of overtaking it.
+    """
     return [
         tables.machine_table(t.name)
         for t in registry.values()
         if t.lock_policy is not LockPolicy.NONE
+        and (policy.uses_global or t.lock_policy.uses_global or t.name == own.name)
     ]
 
 
@@ -80,11 +84,16 @@ def _take_key_mutex(conn: Connection, lookup_key: str) -> None:
     )
 
 
+_ACTIVE_TYPE_LOCK = select(tables.type_lock).where(
+    tables.type_lock.c.StateMachineType == bindparam("type_name"),
+    _active(tables.type_lock.c.UnlockTimestamp),
+)
+"""Built once: every new machine and every start runs it, and building it costs more CPU
+than the query."""
+
+
 def active_type_lock(conn: Connection, type_name: str) -> TypeLock | None:
-    t = tables.type_lock
-    row = conn.execute(
-        select(t).where(t.c.StateMachineType == type_name, _active(t.c.UnlockTimestamp))
-    ).first()
+    row = conn.execute(_ACTIVE_TYPE_LOCK, {"type_name": type_name}).first()
     if row is None:
         return None
     return TypeLock(
@@ -193,7 +202,12 @@ def release(conn: Connection, registry: Registry, machine: Machine) -> None:
 
 
 def wake_waiters(conn: Connection, registry: Registry, lookup_key: str) -> None:
-    """Make the oldest waiting machine of each lock-using type on this key due now."""
+    """Make the oldest waiting machine of each lock-using type on this key due now.
+
+    Takes the key's mutex first, so that a machine whose lock check is in flight either sees
+    the release or has committed its wait (and is woken here); no wake-up is lost.
+    """
+    _take_key_mutex(conn, lookup_key)
     for definition in registry.values():
         if definition.lock_policy is LockPolicy.NONE:
             continue

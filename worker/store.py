@@ -9,16 +9,20 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from functools import cache
 from typing import Any, TypeVar
 
 from sqlalchemy import (
     Connection,
     Engine,
+    Insert,
     Row,
     Table,
+    Update,
     and_,
+    bindparam,
     create_engine,
     event,
     func,
@@ -55,6 +59,7 @@ from worker.states import State
 
 T = TypeVar("T")
 DEADLOCK_RETRIES = 5
+SCHEMA_ATTEMPTS = 5
 _RETRYABLE_MYSQL_CODES = {1205, 1213}  # lock wait timeout, deadlock
 
 
@@ -106,10 +111,51 @@ def make_engine(url: str, *, pool_size: int = 10) -> Engine:
         url,
         isolation_level="READ COMMITTED",
         pool_pre_ping=True,
+        # Every connection is used in a `with` block that commits or rolls back before it is
+        # closed, so the pool's extra ROLLBACK on return would be one more round trip per
+        # transaction for nothing (SQLAlchemy sends it after a commit too).
+        pool_reset_on_return=None,
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_recycle=3600,
     )
+
+
+_HISTORY_INSERT = insert(tables.history)
+_OUTBOX_INSERT = insert(tables.outbox)
+_INBOX_INSERT = insert(tables.processed_command).values(ReceivedTimestamp=tables.utc_now())
+
+
+@cache
+def _machine_insert(table: Table) -> Insert:
+    """A new machine's INSERT, due now by the database clock; built once per table."""
+    return insert(table).values(NextRunTimestamp=tables.utc_now())
+
+
+def _insert_rows(conn: Connection, statement: Insert, rows: list[dict[str, Any]]) -> None:
+    """One row as a plain execute, several as executemany; statements are built once."""
+    conn.execute(statement, rows[0] if len(rows) == 1 else rows)
+
+
+@cache
+def _machine_update(table: Table, *, extends_lease: bool, unlocks: bool, guarded: bool) -> Update:
+    """The fenced UPDATE that `Store._apply` runs, built once per table and shape.
+
+    The row's values arrive as execute parameters. Building a 20-column UPDATE with
+    `.values(...)` and computing its cache key costs more client CPU than the round trip it
+    makes, on every transition; one reused statement object is keyed once.
+    """
+    statement = update(table).where(
+        table.c.ID == bindparam("fence_id"), table.c.Version == bindparam("fence_version")
+    )
+    if guarded:
+        statement = statement.where(table.c.PendingRequest.is_(None))
+    computed: dict[str, Any] = {}
+    if extends_lease:
+        computed["LeaseExpiresTimestamp"] = tables.utc_now_plus(bindparam("lease_ms"))
+    if unlocks:
+        computed["UnlockedTimestamp"] = tables.utc_now()
+    return statement.values(computed) if computed else statement
 
 
 def _is_retryable(exc: DBAPIError) -> bool:
@@ -272,17 +318,28 @@ class Store:
         return machine.event_topic or self.default_topic
 
     def ensure_schema(self) -> list[str]:
-        """Create the shared tables and one table per registered type, if missing."""
+        """Create the shared tables and one table per registered type, if missing.
+
+        Workers starting together race here: a table or the relay row that another process
+        created between the check and the create is not an error, so the check runs again.
+        """
         for name in self.registry:
             tables.machine_table(name)
         wanted = set(tables.shared_table_names()) | {
             tables.machine_table_name(n) for n in self.registry
         }
         create = [t for t in tables.metadata.sorted_tables if t.name in wanted]
-        with self._connect() as conn, conn.begin():
-            tables.metadata.create_all(conn, tables=create, checkfirst=True)
-            if conn.execute(select(func.count()).select_from(tables.outbox_relay)).scalar() == 0:
-                conn.execute(insert(tables.outbox_relay).values(Name="relay"))
+        for attempt in range(SCHEMA_ATTEMPTS):
+            try:
+                with self._connect() as conn, conn.begin():
+                    tables.metadata.create_all(conn, tables=create, checkfirst=True)
+                    relay_rows = select(func.count()).select_from(tables.outbox_relay)
+                    if conn.execute(relay_rows).scalar() == 0:
+                        conn.execute(insert(tables.outbox_relay).values(Name="relay"))
+                break
+            except (StoreUnavailableError, IntegrityError):
+                if attempt == SCHEMA_ATTEMPTS - 1:
+                    raise
         return [t.name for t in create]
 
     def db_now(self) -> datetime:
@@ -292,21 +349,22 @@ class Store:
     # -- writes ---------------------------------------------------------------------------
 
     def _record_inbox(self, conn: Connection, inbox: Inbox, outcome: str) -> None:
+        # No savepoint: a duplicate aborts the whole transaction anyway (the error leaves
+        # `work` and `run` rolls back), and SAVEPOINT/RELEASE would cost two round trips.
         try:
-            with conn.begin_nested():
-                conn.execute(
-                    insert(tables.processed_command).values(
-                        CommandID=inbox.command_id,
-                        Command=inbox.command,
-                        StateMachineType=inbox.machine_type,
-                        StateMachineID=inbox.machine_id,
-                        Outcome=outcome,
-                        KafkaTopic=inbox.topic,
-                        KafkaPartition=inbox.partition,
-                        KafkaOffset=inbox.offset,
-                        ReceivedTimestamp=tables.utc_now(),
-                    )
-                )
+            conn.execute(
+                _INBOX_INSERT,
+                {
+                    "CommandID": inbox.command_id,
+                    "Command": inbox.command,
+                    "StateMachineType": inbox.machine_type,
+                    "StateMachineID": inbox.machine_id,
+                    "Outcome": outcome,
+                    "KafkaTopic": inbox.topic,
+                    "KafkaPartition": inbox.partition,
+                    "KafkaOffset": inbox.offset,
+                },
+            )
         except IntegrityError as exc:
             raise DuplicateCommandError(inbox.command_id) from exc
 
@@ -315,10 +373,11 @@ class Store:
     ) -> None:
         if not entries:
             return
-        conn.execute(insert(tables.history), [_history_values(e) for e in entries])
+        _insert_rows(conn, _HISTORY_INSERT, [_history_values(e) for e in entries])
         topic = self.topic_for(machine)
-        conn.execute(
-            insert(tables.outbox),
+        _insert_rows(
+            conn,
+            _OUTBOX_INSERT,
             [
                 {
                     "EventID": e.event_id,
@@ -342,20 +401,10 @@ class Store:
             if inbox is not None:
                 self._record_inbox(conn, inbox, "applied")
             locks.check_type_not_rejected(conn, machine.machine_type)
+            values = machine_values(machine)
+            del values["NextRunTimestamp"]  # the database's time, set by the statement
             try:
-                with conn.begin_nested():
-                    conn.execute(
-                        insert(table).values(
-                            ID=machine.id,
-                            Version=1,
-                            NextRunTimestamp=tables.utc_now(),
-                            **{
-                                k: v
-                                for k, v in machine_values(machine).items()
-                                if k != "NextRunTimestamp"
-                            },
-                        )
-                    )
+                conn.execute(_machine_insert(table), {"ID": machine.id, "Version": 1, **values})
             except IntegrityError as exc:
                 raise DuplicateMachineError(machine.machine_type, machine.id) from exc
             self._write_history(conn, machine, decision.history)
@@ -463,11 +512,15 @@ class Store:
 
         def work(conn: Connection) -> tuple[Machine, Decision]:
             blocked_by, lifts_at = locks.blocker(conn, self.registry, before, definition)
-            recheck = at.now + timedelta(seconds=recheck_seconds)
+            # The transition happens now, under the key's mutex, not when the engine asked:
+            # a `started` row must never predate the previous holder's release.
+            locked_at = _as_datetime(conn.execute(select(tables.utc_now())).scalar_one())
+            at_lock = replace(at, now=max(at.now, locked_at))
+            recheck = at_lock.now + timedelta(seconds=recheck_seconds)
             if lifts_at is not None:
                 recheck = min(recheck, lifts_at)
             decision = decisions.start(
-                before, definition, at, blocked_by=blocked_by, recheck_at=recheck
+                before, definition, at_lock, blocked_by=blocked_by, recheck_at=recheck
             )
             return self._apply(conn, before, decision, lease_seconds), decision
 
@@ -480,19 +533,27 @@ class Store:
         lease_ms = int(lease_seconds * 1000)
         machine = decision.machine
         values = machine_values(machine)
-        if decision.continue_now:
-            values.update(LeaseExpiresTimestamp=tables.utc_now_plus(literal(lease_ms)))
-        else:
+        if not decision.continue_now:
             values.update(LeaseOwner=None, LeaseExpiresTimestamp=None)
-        if decision.release_locks and (machine.uses_local_lock or machine.uses_global_lock):
-            values["UnlockedTimestamp"] = tables.utc_now()
+        unlocks = decision.release_locks and (machine.uses_local_lock or machine.uses_global_lock)
+        if unlocks:
+            del values["UnlockedTimestamp"]  # the database's time, set by the statement
         clears_request = before.request is not None and machine.request is None
         if clears_request:
             values["PendingRequest"] = None
-        fenced = and_(table.c.ID == before.id, table.c.Version == before.version)
-        condition = fenced if clears_request else and_(fenced, table.c.PendingRequest.is_(None))
         version = before.version + 1
-        written = conn.execute(update(table).where(condition).values(Version=version, **values))
+        params = {
+            **values,
+            "Version": version,
+            "fence_id": before.id,
+            "fence_version": before.version,
+        }
+        if decision.continue_now:
+            params["lease_ms"] = lease_ms
+        statement = _machine_update(
+            table, extends_lease=decision.continue_now, unlocks=unlocks, guarded=not clears_request
+        )
+        written = conn.execute(statement, params)
         request = None
         if written.rowcount == 0:
             row = conn.execute(
@@ -507,6 +568,9 @@ class Store:
                 LeaseOwner=before.lease_owner,
                 LeaseExpiresTimestamp=tables.utc_now_plus(literal(lease_ms)),
             )
+            if unlocks:
+                values["UnlockedTimestamp"] = tables.utc_now()
+            fenced = and_(table.c.ID == before.id, table.c.Version == before.version)
             conn.execute(update(table).where(fenced).values(Version=version, **values))
         self._write_history(conn, machine, decision.history)
         if (

@@ -178,7 +178,23 @@ def test_commands_drive_machines_and_each_transition_is_published_once_in_order(
         applied = 6 if name == "start" else 1
         line = f'smw_commands_total{{command="{name}",machine_type="{SAGA}",outcome="applied"}}'
         assert f"{line} {applied}.0".encode() in metrics
+    series = parse_series(metrics.decode())
+    transitions = sum(v for k, v in series.items() if k.startswith("smw_transitions_total{"))
+    assert transitions == sum(len(found) - 1 for found in rows.values())  # all but `created`
+    step_runs = sum(v for k, v in series.items() if k.startswith("smw_step_duration_seconds_count"))
+    assert step_runs >= sum(
+        1 for found in rows.values() for r in found if r.Event == "step_succeeded"
+    )
     assert worker.stop() == 0
+
+
+def parse_series(text: str) -> dict[str, float]:
+    """Prometheus text format: series -> value (comments skipped)."""
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
 
 
 def test_a_redelivered_command_is_applied_once_and_its_repeat_is_dead_lettered(
