@@ -4,9 +4,11 @@ usage: wait_for_kafka.py BOOTSTRAP TIMEOUT_SECONDS
 Exit 0 once a broker is listed, 1 if none answered in time.
 """
 
+import contextlib
 import sys
 import time
 
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 
@@ -19,11 +21,9 @@ def main() -> int:
         left = deadline - time.monotonic()
         if left <= 0:
             return 1
-        try:
+        with contextlib.suppress(KafkaException):  # timeouts and refused connections
             if admin.list_topics(timeout=min(left, 5.0)).brokers:
                 return 0
-        except Exception:  # KafkaException on timeout / transport errors
-            pass
         time.sleep(min(0.5, max(deadline - time.monotonic(), 0)))
 
 
