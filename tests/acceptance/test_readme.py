@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -64,7 +65,8 @@ def classify(lang: str, body: str) -> str:
 
 def bash(script: str, cwd: Path, env: dict[str, str]) -> str:
     """Run a block; output goes through files so a background job cannot hold a pipe open."""
-    out, err = cwd / f".out-{uuid.uuid4().hex}", cwd / f".err-{uuid.uuid4().hex}"
+    logs = Path(tempfile.mkdtemp(prefix="readme-"))
+    out, err = logs / "stdout", logs / "stderr"
     with out.open("w") as stdout, err.open("w") as stderr:
         done = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", script],
