@@ -82,6 +82,16 @@ class Request:
         return cls(**json.loads(text))
 
 
+_TIME_FIELDS = (
+    "unlocked_at",
+    "last_retry_at",
+    "next_run_at",
+    "created_at",
+    "updated_at",
+    "lease_expires_at",
+)
+
+
 @dataclass(frozen=True)
 class Machine:
     """One machine instance as stored: the row of its type's table."""
@@ -136,14 +146,7 @@ class Machine:
         fields["state"] = self.state.value
         fields["direction"] = self.direction.value
         fields["request"] = None if self.request is None else asdict(self.request)
-        for name in (
-            "unlocked_at",
-            "last_retry_at",
-            "next_run_at",
-            "created_at",
-            "updated_at",
-            "lease_expires_at",
-        ):
+        for name in _TIME_FIELDS:
             fields[name] = _iso(getattr(self, name))
         return dump_json(fields)
 
@@ -153,14 +156,7 @@ class Machine:
         fields["state"] = State(fields["state"])
         fields["direction"] = Direction(fields["direction"])
         fields["request"] = Request(**fields["request"]) if fields["request"] else None
-        for name in (
-            "unlocked_at",
-            "last_retry_at",
-            "next_run_at",
-            "created_at",
-            "updated_at",
-            "lease_expires_at",
-        ):
+        for name in _TIME_FIELDS:
             fields[name] = _from_iso(fields[name])
         return cls(**fields)
 
