@@ -35,7 +35,11 @@ ENV_VARS: dict[str, str] = {
 """Option name -> environment variable. The CLI declares every option from this table."""
 
 DEFAULT_DATABASE_URL = "sqlite:///smw.db"
-_SECRET_KEY = re.compile(r"password|secret|token|credential|sasl\.jaas|key\.pem", re.IGNORECASE)
+_SECRET_KEY = re.compile(
+    r"password|passphrase|secret|token|credential|sasl\.jaas|oauthbearer\.config|key\.pem",
+    re.IGNORECASE,
+)
+"""librdkafka settings whose values are masked in logs (librdkafka marks these sensitive)."""
 
 
 def default_worker_id() -> str:
@@ -46,7 +50,8 @@ def default_worker_id() -> str:
 class Settings:
     """Everything a worker process is configured with. Secrets never appear in `repr`."""
 
-    database_url: str = DEFAULT_DATABASE_URL
+    database_url: str = field(default=DEFAULT_DATABASE_URL, repr=False)
+    """May carry a password; `safe_database_url` is the one to show."""
     database_password: str | None = field(default=None, repr=False)
     kafka_bootstrap: str = "127.0.0.1:9092"
     kafka_config: dict[str, str] = field(default_factory=dict, repr=False)
@@ -99,21 +104,24 @@ def parse_kafka_config(pairs: str | None, file: str | None) -> dict[str, str]:
     """`key=value,key=value` plus a properties file (file first, pairs override)."""
     config: dict[str, str] = {}
     if file:
-        for line in Path(file).read_text(encoding="utf-8").splitlines():
+        for number, line in enumerate(Path(file).read_text(encoding="utf-8").splitlines(), 1):
             stripped = line.strip()
             if stripped and not stripped.startswith(("#", "!")):
-                _put(config, stripped, f"{file}")
-    for item in (pairs or "").split(","):
+                _put(config, stripped, f"{file} line {number}")
+    for number, item in enumerate((pairs or "").split(","), 1):
         if item.strip():
-            _put(config, item.strip(), "SMW_KAFKA_CONFIG")
+            _put(config, item.strip(), f"SMW_KAFKA_CONFIG item {number}")
     return config
 
 
 def _put(config: dict[str, str], item: str, source: str) -> None:
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
-        found = item.split("=", maxsplit=1)[0][:40]
-        raise WorkerError(f"{source}: expected key=value librdkafka settings, found {found!r}")
+        # The item itself is not shown: it may be part of a secret (a value with a comma).
+        raise WorkerError(
+            f"{source}: expected a key=value librdkafka setting; a value that contains a "
+            "comma belongs in SMW_KAFKA_CONFIG_FILE"
+        )
     config[key.strip()] = value.strip()
 
 

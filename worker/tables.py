@@ -33,6 +33,19 @@ Timestamp: TypeEngine[Any] = DateTime().with_variant(mysql.DATETIME(fsp=6), "mys
 LongText: TypeEngine[Any] = Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb")
 AutoId: TypeEngine[Any] = BigInteger().with_variant(Integer(), "sqlite")
 
+
+def identifier(length: int) -> TypeEngine[Any]:
+    """A VARCHAR id compared byte for byte: `m1`, `M1` and `mé1` are three ids, not one.
+
+    MySQL and MariaDB compare strings by the column's collation, and a database's default
+    (utf8mb4_general_ci, utf8mb4_unicode_ci, utf8mb4_0900_ai_ci) ignores case and accents:
+    two distinct command ids would be one command (the second refused as a duplicate), two
+    machine ids one machine, two lookup keys one lock. SQLite compares bytes already.
+    """
+    binary = mysql.VARCHAR(length, charset="utf8mb4", collation="utf8mb4_bin")
+    return String(length).with_variant(binary, "mysql", "mariadb")
+
+
 metadata = MetaData()
 
 global_lock = Table(
@@ -40,8 +53,8 @@ global_lock = Table(
     metadata,
     Column("ID", AutoId, primary_key=True, autoincrement=True),
     Column("StateMachineType", String(48), nullable=False),
-    Column("StateMachineID", String(128), nullable=False),
-    Column("LookupKey", String(191), nullable=False),
+    Column("StateMachineID", identifier(128), nullable=False),
+    Column("LookupKey", identifier(191), nullable=False),
     Column("LockTimestamp", Timestamp, nullable=False),
     Column("UnlockTimestamp", Timestamp, nullable=True),
     Index("ix_global_lock_key", "LookupKey", "UnlockTimestamp"),
@@ -51,7 +64,7 @@ global_lock = Table(
 lookup_key_mutex = Table(
     "LOOKUP_KEY_MUTEX",
     metadata,
-    Column("LookupKey", String(191), primary_key=True),
+    Column("LookupKey", identifier(191), primary_key=True),
 )
 """One row per lookup key; lock acquisition serialises on it with SELECT ... FOR UPDATE."""
 
@@ -71,9 +84,9 @@ history = Table(
     metadata,
     Column("ID", AutoId, primary_key=True, autoincrement=True),
     Column("StateMachineType", String(48), nullable=False),
-    Column("StateMachineID", String(128), nullable=False),
+    Column("StateMachineID", identifier(128), nullable=False),
     Column("Sequence", Integer, nullable=False),
-    Column("EventID", String(36), nullable=False, unique=True),
+    Column("EventID", identifier(36), nullable=False, unique=True),
     Column("Event", String(32), nullable=False),
     Column("FromState", String(32), nullable=False),
     Column("ToState", String(32), nullable=False),
@@ -86,7 +99,7 @@ history = Table(
     Column("Attempt", Integer, nullable=False),
     Column("DurationMs", Float, nullable=True),
     Column("WorkerID", String(128), nullable=True),
-    Column("CommandID", String(128), nullable=True),
+    Column("CommandID", identifier(128), nullable=True),
     Column("Actor", String(256), nullable=True),
     Column("Reason", Text, nullable=True),
     Column("OccurredTimestamp", Timestamp, nullable=False),
@@ -97,9 +110,9 @@ outbox = Table(
     "EVENT_OUTBOX",
     metadata,
     Column("ID", AutoId, primary_key=True, autoincrement=True),
-    Column("EventID", String(36), nullable=False, unique=True),
+    Column("EventID", identifier(36), nullable=False, unique=True),
     Column("Topic", String(249), nullable=False),
-    Column("MessageKey", String(128), nullable=False),
+    Column("MessageKey", identifier(128), nullable=False),
     Column("Payload", LongText, nullable=False),
     Column("CreatedTimestamp", Timestamp, nullable=False),
     Column("PublishedTimestamp", Timestamp, nullable=True),
@@ -116,10 +129,10 @@ outbox_relay = Table(
 processed_command = Table(
     "PROCESSED_COMMAND",
     metadata,
-    Column("CommandID", String(128), primary_key=True),
+    Column("CommandID", identifier(128), primary_key=True),
     Column("Command", String(16), nullable=False),
     Column("StateMachineType", String(48), nullable=False),
-    Column("StateMachineID", String(128), nullable=True),
+    Column("StateMachineID", identifier(128), nullable=True),
     Column("Outcome", String(32), nullable=False),
     Column("KafkaTopic", String(249), nullable=True),
     Column("KafkaPartition", Integer, nullable=True),
@@ -169,9 +182,9 @@ def machine_table(type_name: str, meta: MetaData = metadata) -> Table:
     return Table(
         name,
         meta,
-        Column("ID", String(128), primary_key=True),
+        Column("ID", identifier(128), primary_key=True),
         Column("Name", String(48), nullable=False),
-        Column("LookupKey", String(191), nullable=False),
+        Column("LookupKey", identifier(191), nullable=False),
         Column("CurrentState", String(32), nullable=False),
         Column("ResumeFromStep", Integer, nullable=False),
         Column("SaveAfterStep", Boolean, nullable=False),
