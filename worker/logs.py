@@ -42,6 +42,8 @@ def configure(log_format: str = "auto", level: str = "info") -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _scrub_event,
     ]
+    if json_output:  # the console renderer formats exceptions itself
+        shared.insert(-1, structlog.processors.format_exc_info)
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if json_output
@@ -50,7 +52,6 @@ def configure(log_format: str = "auto", level: str = "info") -> None:
     structlog.configure(
         processors=[
             *shared,
-            structlog.processors.format_exc_info,
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
