@@ -19,6 +19,7 @@ from sqlalchemy import (
     Engine,
     Insert,
     Row,
+    Select,
     Table,
     Update,
     and_,
@@ -156,6 +157,33 @@ def _machine_update(table: Table, *, extends_lease: bool, unlocks: bool, guarded
     if unlocks:
         computed["UnlockedTimestamp"] = tables.utc_now()
     return statement.values(computed) if computed else statement
+
+
+@cache
+def _claim_select(table: Table, limit: int, *, by_id: bool) -> Select[Any]:
+    """Due machines no live lease holds, oldest due first; built once per table and shape."""
+    due = and_(
+        table.c.NextRunTimestamp <= tables.utc_now(),
+        or_(table.c.LeaseOwner.is_(None), table.c.LeaseExpiresTimestamp < tables.utc_now()),
+    )
+    query = select(table, tables.utc_now().label("db_now")).where(due)
+    if by_id:
+        query = query.where(table.c.ID == bindparam("machine_id"))
+    return query.order_by(table.c.NextRunTimestamp).limit(limit).with_for_update(skip_locked=True)
+
+
+@cache
+def _claim_update(table: Table) -> Update:
+    """Lease the claimed rows to a worker; built once per table."""
+    return (
+        update(table)
+        .where(table.c.ID.in_(bindparam("ids", expanding=True)))
+        .values(
+            LeaseOwner=bindparam("owner"),
+            LeaseExpiresTimestamp=tables.utc_now_plus(bindparam("lease_ms")),
+            Version=table.c.Version + 1,
+        )
+    )
 
 
 def _is_retryable(exc: DBAPIError) -> bool:
@@ -453,31 +481,14 @@ class Store:
         lease_ms = int(lease_seconds * 1000)
 
         def work(conn: Connection) -> list[Claimed]:
-            due = and_(
-                table.c.NextRunTimestamp <= tables.utc_now(),
-                or_(
-                    table.c.LeaseOwner.is_(None),
-                    table.c.LeaseExpiresTimestamp < tables.utc_now(),
-                ),
-            )
-            query = select(table, tables.utc_now().label("db_now")).where(due)
-            if machine_id is not None:
-                query = query.where(table.c.ID == machine_id)
-            rows = conn.execute(
-                query.order_by(table.c.NextRunTimestamp)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            ).all()
+            by_id = machine_id is not None
+            query = _claim_select(table, limit, by_id=by_id)
+            rows = conn.execute(query, {"machine_id": machine_id} if by_id else {}).all()
             if not rows:
                 return []
             conn.execute(
-                update(table)
-                .where(table.c.ID.in_([r.ID for r in rows]))
-                .values(
-                    LeaseOwner=worker_id,
-                    LeaseExpiresTimestamp=tables.utc_now_plus(literal(lease_ms)),
-                    Version=table.c.Version + 1,
-                )
+                _claim_update(table),
+                {"ids": [r.ID for r in rows], "owner": worker_id, "lease_ms": lease_ms},
             )
             return [
                 Claimed(
