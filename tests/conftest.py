@@ -28,12 +28,11 @@ HOW_TO_START = (
 )
 
 
-@pytest.hookimpl(tryfirst=True)  # before `-m` selects by these marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         parts = Path(str(item.fspath)).relative_to(ROOT / "tests").parts
         tier = parts[0] if len(parts) > 1 else "unit"
-        if tier in ("unit", "integration", "acceptance") and tier not in item.keywords:
+        if tier in ("unit", "integration", "acceptance") and item.get_closest_marker(tier) is None:
             item.add_marker(getattr(pytest.mark, tier))
 
 
