@@ -7,7 +7,7 @@ the store applies the resulting Decision in one transaction.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -47,7 +47,6 @@ class Decision:
     history: tuple[HistoryEntry, ...] = ()
     release_locks: bool = False
     continue_now: bool = False
-    hook: str | None = field(default=None)
 
 
 @dataclass(frozen=True)
@@ -112,8 +111,6 @@ def _decided(
     machine: Machine,
     entries: tuple[HistoryEntry, ...],
     definition: MachineType,
-    *,
-    hook: str | None = None,
 ) -> Decision:
     runs_on = machine.state in (State.OPEN, State.ROLLBACK) and machine.next_run_at is not None
     return Decision(
@@ -121,7 +118,6 @@ def _decided(
         history=entries,
         release_locks=machine.state in TERMINAL,
         continue_now=runs_on and definition.execute_synchronously,
-        hook=hook,
     )
 
 

@@ -22,8 +22,6 @@ TYPE_NAME = re.compile(r"[a-z][a-z0-9_]{0,47}")
 STEP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]{0,99}")
 TOPIC_NAME = re.compile(r"[A-Za-z0-9._\-]{1,249}")
 
-StepResult = "Outcome | dict[str, Any] | None"
-
 
 class LockPolicy(StrEnum):
     NONE = "none"
