@@ -94,19 +94,32 @@ class Engine:
         """Claim and run every due machine (up to `limit` per type); returns how many ran."""
         ran = 0
         names = [machine_type] if machine_type else list(self.registry)
-        for name in names:
-            for claimed in self.store.claim(name, self.worker_id, self.lease_seconds, limit=limit):
-                self.run_claimed(claimed)
-                ran += 1
+        with self.store.holding_connection():
+            for name in names:
+                claimed = self.store.claim(
+                    name,
+                    self.worker_id,
+                    self.lease_seconds,
+                    limit=limit,
+                    recheck_seconds=self.lock_recheck_seconds,
+                )
+                for item in claimed:
+                    self.run_claimed(item)
+                    ran += 1
         return ran
 
     def run_one(self, machine_type: str, machine_id: str) -> bool:
         """Claim and run one machine if it is due and free; the fast path for new work."""
-        claimed = self.store.claim(
-            machine_type, self.worker_id, self.lease_seconds, machine_id=machine_id
-        )
-        for item in claimed:
-            self.run_claimed(item)
+        with self.store.holding_connection():
+            claimed = self.store.claim(
+                machine_type,
+                self.worker_id,
+                self.lease_seconds,
+                machine_id=machine_id,
+                recheck_seconds=self.lock_recheck_seconds,
+            )
+            for item in claimed:
+                self.run_claimed(item)
         return bool(claimed)
 
     def run_until_idle(self, *, wait_for_timers: bool = False, max_wait: float = 60.0) -> int:
@@ -131,10 +144,18 @@ class Engine:
 
     def run_claimed(self, claimed: Claimed) -> Machine:
         """Run a leased machine until it stops, waits, or hands its next step to the schedule."""
+        with self.store.holding_connection():
+            return self._run_claimed(claimed)
+
+    def _run_claimed(self, claimed: Claimed) -> Machine:
         clock = DbClock.at(claimed.db_now)
         committed = claimed.machine
         machine = committed
         carried: tuple[Any, ...] = ()
+        if claimed.started is not None:
+            self._observed(machine, claimed.started)
+            if not machine.lease_owner:
+                return machine
         if self.in_flight is not None:
             self.in_flight.add(machine)
         try:

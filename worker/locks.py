@@ -112,6 +112,16 @@ def check_type_not_rejected(conn: Connection, type_name: str) -> None:
         raise TypeRejectedError(type_name, lock.reason)
 
 
+def type_lock_blocker(
+    conn: Connection, definition: MachineType
+) -> tuple[str | None, datetime | None]:
+    """A sleep lock on the type stops its machines from starting, until it lifts if known."""
+    type_lock = active_type_lock(conn, definition.name)
+    if type_lock is not None and type_lock.kind is TypeLockKind.SLEEP:
+        return f"type {definition.name} is under a sleep lock", type_lock.until
+    return None, None
+
+
 def blocker(
     conn: Connection, registry: Registry, machine: Machine, definition: MachineType
 ) -> tuple[str | None, datetime | None]:
@@ -120,12 +130,10 @@ def blocker(
     On success the locks are taken: the GLOBAL_LOCK row is inserted here; the local lock is
     the machine row's UsesLocalLock flag, written by the caller in the same transaction.
     """
-    type_lock = active_type_lock(conn, definition.name)
-    if type_lock is not None and type_lock.kind is TypeLockKind.SLEEP:
-        return f"type {definition.name} is under a sleep lock", type_lock.until
+    asleep = type_lock_blocker(conn, definition)
     policy = definition.lock_policy
-    if policy is LockPolicy.NONE:
-        return None, None
+    if asleep[0] is not None or policy is LockPolicy.NONE:
+        return asleep
     key = machine.lookup_key
     _take_key_mutex(conn, key)
     g = tables.global_lock

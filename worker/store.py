@@ -7,11 +7,14 @@ public method is one transaction; decisions come in already made by `worker.deci
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from functools import cache
+from operator import attrgetter
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -62,6 +65,8 @@ T = TypeVar("T")
 DEADLOCK_RETRIES = 5
 SCHEMA_ATTEMPTS = 5
 _RETRYABLE_MYSQL_CODES = {1205, 1213}  # lock wait timeout, deadlock
+HELD_IDLE_PING_SECONDS = 1.0
+"""A held connection idle longer than this goes back to the pool, which pings it on checkout."""
 
 
 @dataclass(frozen=True)
@@ -77,12 +82,23 @@ class Inbox:
     offset: int | None = None
 
 
+class _Held(threading.local):
+    """The connection a thread holds inside `Store.holding_connection`."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.conn: Connection | None = None
+        self.last_used = 0.0
+
+
 @dataclass(frozen=True)
 class Claimed:
     """A machine this worker now leases, with the database time of the claim."""
 
     machine: Machine
     db_now: datetime
+    started: Decision | None = None
+    """The start decision, when the claim also started the machine (types without locks)."""
 
 
 def make_engine(url: str, *, pool_size: int = 10) -> Engine:
@@ -142,9 +158,9 @@ def _insert_rows(conn: Connection, statement: Insert, rows: list[dict[str, Any]]
 def _machine_update(table: Table, *, extends_lease: bool, unlocks: bool, guarded: bool) -> Update:
     """The fenced UPDATE that `Store._apply` runs, built once per table and shape.
 
-    The row's values arrive as execute parameters. Building a 20-column UPDATE with
-    `.values(...)` and computing its cache key costs more client CPU than the round trip it
-    makes, on every transition; one reused statement object is keyed once.
+    The changed columns arrive as execute parameters (SQLAlchemy compiles one SET clause per
+    set of parameter names, and caches it). Building the UPDATE with `.values(...)` and
+    computing its cache key on every transition costs more client CPU than its round trip.
     """
     statement = update(table).where(
         table.c.ID == bindparam("fence_id"), table.c.Version == bindparam("fence_version")
@@ -186,6 +202,29 @@ def _claim_update(table: Table) -> Update:
     )
 
 
+def _starts_in_claim(machine: Machine, definition: MachineType) -> bool:
+    return (
+        definition.lock_policy is LockPolicy.NONE
+        and machine.request is None
+        and machine.state in (State.PENDING, State.WAITING)
+    )
+
+
+def _start_decision(
+    machine: Machine,
+    definition: MachineType,
+    at: Happening,
+    blocker: tuple[str | None, datetime | None],
+    recheck_seconds: float,
+) -> Decision:
+    """Open the machine, or leave it waiting until the blocker lifts or the recheck is due."""
+    blocked_by, lifts_at = blocker
+    recheck = at.now + timedelta(seconds=recheck_seconds)
+    if lifts_at is not None:
+        recheck = min(recheck, lifts_at)
+    return decisions.start(machine, definition, at, blocked_by=blocked_by, recheck_at=recheck)
+
+
 def _is_retryable(exc: DBAPIError) -> bool:
     args: tuple[Any, ...] = getattr(exc.orig, "args", ())
     return bool(args) and args[0] in _RETRYABLE_MYSQL_CODES
@@ -223,25 +262,44 @@ def machine_from_row(type_name: str, row: Row[Any]) -> Machine:
     )
 
 
+_MACHINE_COLUMNS: tuple[tuple[str, Callable[[Machine], Any]], ...] = (
+    ("Name", attrgetter("machine_type")),
+    ("LookupKey", attrgetter("lookup_key")),
+    ("CurrentState", lambda m: m.state.value),
+    ("ResumeFromStep", attrgetter("step")),
+    ("SaveAfterStep", attrgetter("save_after_step")),
+    ("KafkaEventTopic", attrgetter("event_topic")),
+    ("SerializedState", attrgetter("serialized_state")),
+    ("CreatedTimestamp", lambda m: naive(m.created_at)),
+    ("UpdatedTimestamp", lambda m: naive(m.updated_at)),
+    ("UsesGlobalLock", attrgetter("uses_global_lock")),
+    ("UsesLocalLock", attrgetter("uses_local_lock")),
+    ("UnlockedTimestamp", lambda m: naive(m.unlocked_at)),
+    ("LastRetryTimestamp", lambda m: naive(m.last_retry_at)),
+    ("RetryCount", attrgetter("retry_count")),
+    ("NextRunTimestamp", lambda m: naive(m.next_run_at)),
+    ("DefinitionFingerprint", attrgetter("fingerprint")),
+)
+_ALWAYS_WRITTEN = frozenset({"SerializedState", "NextRunTimestamp"})
+"""Written on every transition: the serialized state changes with each history entry, and
+NextRunTimestamp is also set by other writers (wake-ups, commands) while a lease is held."""
+
+
 def machine_values(machine: Machine) -> dict[str, Any]:
     """The row values a machine writes (lease and request columns are written separately)."""
+    return {column: value(machine) for column, value in _MACHINE_COLUMNS}
+
+
+def changed_machine_values(before: Machine, after: Machine) -> dict[str, Any]:
+    """The columns `after` changes in the row `before` was read or written as.
+
+    Fewer columns mean a shorter UPDATE to build, escape and send, and a column an operator
+    changed meanwhile (a forced lock release) is not written back with an old value.
+    """
     return {
-        "Name": machine.machine_type,
-        "LookupKey": machine.lookup_key,
-        "CurrentState": machine.state.value,
-        "ResumeFromStep": machine.step,
-        "SaveAfterStep": machine.save_after_step,
-        "KafkaEventTopic": machine.event_topic,
-        "SerializedState": machine.serialized_state,
-        "CreatedTimestamp": naive(machine.created_at),
-        "UpdatedTimestamp": naive(machine.updated_at),
-        "UsesGlobalLock": machine.uses_global_lock,
-        "UsesLocalLock": machine.uses_local_lock,
-        "UnlockedTimestamp": naive(machine.unlocked_at),
-        "LastRetryTimestamp": naive(machine.last_retry_at),
-        "RetryCount": machine.retry_count,
-        "NextRunTimestamp": naive(machine.next_run_at),
-        "DefinitionFingerprint": machine.fingerprint,
+        column: value(after)
+        for column, value in _MACHINE_COLUMNS
+        if column in _ALWAYS_WRITTEN or value(after) != value(before)
     }
 
 
@@ -309,32 +367,87 @@ class Store:
         self.registry = registry
         self.default_topic = default_topic
         self.dialect = self.engine.dialect.name
+        self._held = _Held()
 
     # -- plumbing -------------------------------------------------------------------------
 
     @contextmanager
+    def holding_connection(self) -> Iterator[None]:
+        """Run every transaction of this thread, inside the block, on one pooled connection.
+
+        A machine's run is a claim, a start and a commit per step; checking a connection out
+        of the pool for each would cost a pre-ping round trip each time. The held connection
+        is pinged again only after it sat idle, and replaced after any database error.
+        """
+        if self._held.active:
+            yield
+            return
+        self._held.active = True
+        try:
+            yield
+        finally:
+            self._held.active = False
+            self._drop_held()
+
+    def _drop_held(self) -> None:
+        conn: Connection | None = self._held.conn
+        self._held.conn = None
+        if conn is not None:
+            conn.close()
+
+    def _held_connection(self) -> tuple[Connection, bool]:
+        """The thread's held connection, and whether it was used before (so may be stale)."""
+        now = time.monotonic()
+        if self._held.conn is not None and now - self._held.last_used > HELD_IDLE_PING_SECONDS:
+            self._drop_held()  # the next checkout pings it
+        reused = self._held.conn is not None
+        if self._held.conn is None:
+            self._held.conn = self.engine.connect()
+        self._held.last_used = now
+        return self._held.conn, reused
+
+    @contextmanager
     def _connect(self) -> Iterator[Connection]:
         try:
-            with self.engine.connect() as conn:
+            if not self._held.active:
+                with self.engine.connect() as conn:
+                    yield conn
+                return
+            conn, _ = self._held_connection()
+            try:
                 yield conn
+            finally:
+                if conn.in_transaction() and not conn.invalidated:
+                    conn.rollback()  # a read outside `run` auto-began one
         except OperationalError as exc:
+            self._drop_held()
             raise StoreUnavailableError(
                 f"database unreachable or transaction failed: {type(exc.orig).__name__}: {exc.orig}"
             ) from exc
+        except DBAPIError:
+            self._drop_held()
+            raise
 
     def run(self, work: Callable[[Connection], T]) -> T:
-        """Run `work` in one transaction, retrying it on deadlock or lock-wait timeout."""
+        """Run `work` in one transaction, retrying it on deadlock or lock-wait timeout.
+
+        A held connection that the server dropped since its last use is replaced and the
+        transaction tried once more; every write is fenced, so a repeat cannot apply twice.
+        """
+        reconnected = False
         for attempt in range(DEADLOCK_RETRIES):
+            reused = self._held.active and self._held.conn is not None
             try:
                 with self._connect() as conn, conn.begin():
                     return work(conn)
             except StoreUnavailableError as exc:
                 cause = exc.__cause__
-                if (
-                    isinstance(cause, DBAPIError)
-                    and _is_retryable(cause)
-                    and attempt < DEADLOCK_RETRIES - 1
-                ):
+                if not isinstance(cause, DBAPIError) or attempt == DEADLOCK_RETRIES - 1:
+                    raise
+                if _is_retryable(cause):
+                    continue
+                if reused and cause.connection_invalidated and not reconnected:
+                    reconnected = True
                     continue
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
@@ -475,9 +588,15 @@ class Store:
         *,
         limit: int = 1,
         machine_id: str | None = None,
+        recheck_seconds: float = 10.0,
     ) -> list[Claimed]:
-        """Lease up to `limit` due machines of a type that no live lease holds."""
+        """Lease up to `limit` due machines of a type that no live lease holds.
+
+        A new or waiting machine of a type without locks is started in the same transaction
+        (there is no lock to take, only the type lock to check), which saves it a transaction.
+        """
         table = self.table(type_name)
+        definition = self.registry.get_type(type_name)
         lease_ms = int(lease_seconds * 1000)
 
         def work(conn: Connection) -> list[Claimed]:
@@ -486,19 +605,25 @@ class Store:
             rows = conn.execute(query, {"machine_id": machine_id} if by_id else {}).all()
             if not rows:
                 return []
-            conn.execute(
-                _claim_update(table),
-                {"ids": [r.ID for r in rows], "owner": worker_id, "lease_ms": lease_ms},
-            )
-            return [
-                Claimed(
-                    machine_from_row(type_name, r).evolve(
-                        version=r.Version + 1, lease_owner=worker_id
-                    ),
-                    _as_datetime(r.db_now),
+            db_now = _as_datetime(rows[0].db_now)
+            machines = [machine_from_row(type_name, r).evolve(lease_owner=worker_id) for r in rows]
+            starting = [m for m in machines if _starts_in_claim(m, definition)]
+            leased = [m for m in machines if not _starts_in_claim(m, definition)]
+            claimed = []
+            if leased:
+                conn.execute(
+                    _claim_update(table),
+                    {"ids": [m.id for m in leased], "owner": worker_id, "lease_ms": lease_ms},
                 )
-                for r in rows
-            ]
+                claimed = [Claimed(m.evolve(version=m.version + 1), db_now) for m in leased]
+            if starting:
+                asleep = locks.type_lock_blocker(conn, definition)
+                at = Happening(now=db_now, worker_id=worker_id)
+                for machine in starting:
+                    decision = _start_decision(machine, definition, at, asleep, recheck_seconds)
+                    written = self._apply(conn, machine, decision, lease_seconds)
+                    claimed.append(Claimed(written, db_now, started=decision))
+            return claimed
 
         return self.run(work)
 
@@ -522,17 +647,12 @@ class Store:
         """Take the type's locks and open the machine, or leave it waiting for them."""
 
         def work(conn: Connection) -> tuple[Machine, Decision]:
-            blocked_by, lifts_at = locks.blocker(conn, self.registry, before, definition)
+            blocker = locks.blocker(conn, self.registry, before, definition)
             # The transition happens now, under the key's mutex, not when the engine asked:
             # a `started` row must never predate the previous holder's release.
             locked_at = _as_datetime(conn.execute(select(tables.utc_now())).scalar_one())
             at_lock = replace(at, now=max(at.now, locked_at))
-            recheck = at_lock.now + timedelta(seconds=recheck_seconds)
-            if lifts_at is not None:
-                recheck = min(recheck, lifts_at)
-            decision = decisions.start(
-                before, definition, at_lock, blocked_by=blocked_by, recheck_at=recheck
-            )
+            decision = _start_decision(before, definition, at_lock, blocker, recheck_seconds)
             return self._apply(conn, before, decision, lease_seconds), decision
 
         return self.run(work)
@@ -543,12 +663,14 @@ class Store:
         table = self.table(before.machine_type)
         lease_ms = int(lease_seconds * 1000)
         machine = decision.machine
-        values = machine_values(machine)
+        values = changed_machine_values(before, machine)
         if not decision.continue_now:
             values.update(LeaseOwner=None, LeaseExpiresTimestamp=None)
+        elif before.lease_owner is not None:
+            values["LeaseOwner"] = before.lease_owner
         unlocks = decision.release_locks and (machine.uses_local_lock or machine.uses_global_lock)
         if unlocks:
-            del values["UnlockedTimestamp"]  # the database's time, set by the statement
+            values.pop("UnlockedTimestamp", None)  # the database's time, set by the statement
         clears_request = before.request is not None and machine.request is None
         if clears_request:
             values["PendingRequest"] = None
