@@ -184,12 +184,13 @@ class CommandConsumer:
             on_lost=self._revoked,
         )
         try:
-            while not self.stopping.is_set():
-                self.health.beat()
-                message = self.consumer.poll(self.settings.poll_interval)
-                if message is not None:
-                    self._consume(message)
-                self._sample_lag()
+            with self.store.holding_connection():
+                while not self.stopping.is_set():
+                    self.health.beat()
+                    message = self.consumer.poll(self.settings.poll_interval)
+                    if message is not None:
+                        self._consume(message)
+                    self._sample_lag()
         finally:
             self.consumer.close()
             log.info("consumer.closed", group_id=self.settings.group_id)
@@ -312,10 +313,11 @@ class CommandConsumer:
         return (command.machine_type if known else UNKNOWN), command.command.value
 
     def _commit(self, message: Message) -> None:
+        """Commit the offset without waiting for the broker: the command is recorded already,
+        so an offset lost in a crash means a redelivery, refused as a duplicate."""
         try:
-            self.consumer.commit(message=message, asynchronous=False)
+            self.consumer.commit(message=message, asynchronous=True)
         except KafkaException as exc:
-            # Recorded already: a redelivery is refused as a duplicate, never applied twice.
             log.warning("command.commit_failed", error=str(exc.args[0]), **_where(message))
 
     def _tries(self, message: Message) -> Tries:

@@ -266,22 +266,28 @@ class Daemon:
     def _execute(self) -> None:
         """Run handed-over machines; between them, and when idle, run whatever is due."""
         busy, failures, next_scan = False, 0, 0.0
-        while not self.stopping.is_set():
-            work = self._take(0.0 if busy else self.settings.poll_interval)
-            scan = work is None or time.monotonic() >= next_scan
-            if scan:
-                next_scan = time.monotonic() + self.settings.poll_interval
-            try:
-                ran = self._run(work, scan=scan)
-            except Exception as exc:  # noqa: BLE001  # one machine's failure never ends an executor
-                failures += 1
-                _executor_failed(work, exc)
-                self.stopping.wait(backoff(failures))
-                busy = False
-                continue
-            failures = 0
-            busy = ran > 0 or work is not None
-            self.tally.add("machines_run", ran)
+        with self.store.holding_connection():
+            while not self.stopping.is_set():
+                work = self._take(0.0 if busy else self.settings.poll_interval)
+                scan = should_scan(
+                    handed_over=work is not None,
+                    was_busy=busy,
+                    now=time.monotonic(),
+                    next_scan=next_scan,
+                )
+                if scan:
+                    next_scan = time.monotonic() + self.settings.poll_interval
+                try:
+                    ran = self._run(work, scan=scan)
+                except Exception as exc:  # noqa: BLE001  # one machine's failure never ends an executor
+                    failures += 1
+                    _executor_failed(work, exc)
+                    self.stopping.wait(backoff(failures))
+                    busy = False
+                    continue
+                failures = 0
+                busy = ran > 0 or work is not None
+                self.tally.add("machines_run", ran)
 
     def _take(self, timeout: float) -> Work | None:
         try:
@@ -359,6 +365,17 @@ class Daemon:
             return
         self.metrics.outbox_backlog.set(backlog.events)
         self.metrics.outbox_age.set(backlog.oldest_age_seconds)
+
+
+def should_scan(*, handed_over: bool, was_busy: bool, now: float, next_scan: float) -> bool:
+    """Whether an executor looks for due machines (timers, retries, waiters) now.
+
+    It does after an idle wait found no handed-over work, and otherwise once per poll
+    interval: scanning after every handed-over machine would add an empty claim transaction
+    per machine while the consumer keeps the executors busy.
+    """
+    idle_wait_ended = not handed_over and not was_busy
+    return idle_wait_ended or now >= next_scan
 
 
 def _executor_failed(work: Work | None, error: Exception) -> None:

@@ -12,7 +12,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 
 from worker.config import Settings
@@ -172,6 +179,17 @@ def _on_error(on_fatal: Callable[[str], None] | None) -> Callable[[KafkaError], 
     return error_cb
 
 
+def _on_commit(error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+    """Asynchronous offset commits report here; a lost one only means a redelivery."""
+    if error is not None:
+        log.warning(
+            "kafka.offset_commit_failed",
+            code=error.name(),
+            reason=error.str(),
+            partitions=[f"{tp.topic}[{tp.partition}]@{tp.offset}" for tp in partitions],
+        )
+
+
 def make_consumer(settings: Settings, *, on_fatal: Callable[[str], None] | None = None) -> Consumer:
     """The command consumer: one group for all replicas, offsets committed by the worker only."""
     return Consumer(
@@ -183,6 +201,7 @@ def make_consumer(settings: Settings, *, on_fatal: Callable[[str], None] | None 
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "error_cb": _on_error(on_fatal),
+            "on_commit": _on_commit,
         }
     )
 
