@@ -22,6 +22,5 @@ def test_executors_scan_after_an_idle_wait_or_once_per_interval(
     handed_over: bool, was_busy: bool, now: float, expected: bool
 ) -> None:
     assert (
-        should_scan(handed_over=handed_over, was_busy=was_busy, now=now, next_scan=1.0)
-        is expected
+        should_scan(handed_over=handed_over, was_busy=was_busy, now=now, next_scan=1.0) is expected
     )
