@@ -27,7 +27,7 @@ def apply_command(store: Store, command: Command, inbox: Inbox | None = None) ->
         data = command.data or {}
         check_json(data)
         machine_id = command.machine_id or str(uuid.uuid4())
-        at = Happening(now=store.db_now(), command_id=command.command_id, actor=command.actor)
+        at = Happening(now=store.db_time(), command_id=command.command_id, actor=command.actor)
         decision = decisions.create(definition, machine_id, command.lookup_key, data, at)
         return store.create_machine(decision, _inbox(command, machine_id, inbox))
     if not command.machine_id:

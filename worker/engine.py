@@ -9,8 +9,7 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import structlog
@@ -23,24 +22,9 @@ from worker.hooks import Hooks
 from worker.outcomes import Complete, Outcome, Park, Raised, Success, as_outcome
 from worker.records import Machine, check_json
 from worker.states import RUNNING, State
-from worker.store import Claimed, Store
+from worker.store import Claimed, DbClock, Store
 
 log = structlog.get_logger("worker.engine")
-
-
-@dataclass
-class DbClock:
-    """The database's time, read at the claim and advanced by this host's monotonic clock."""
-
-    anchor: datetime
-    started: float
-
-    @classmethod
-    def at(cls, db_now: datetime) -> DbClock:
-        return cls(db_now, time.monotonic())
-
-    def now(self) -> datetime:
-        return self.anchor + timedelta(seconds=time.monotonic() - self.started)
 
 
 class InFlight:

@@ -65,6 +65,8 @@ T = TypeVar("T")
 DEADLOCK_RETRIES = 5
 SCHEMA_ATTEMPTS = 5
 _RETRYABLE_MYSQL_CODES = {1205, 1213}  # lock wait timeout, deadlock
+DB_CLOCK_SECONDS = 5.0
+"""How long `Store.db_time` advances one reading of the database clock before reading again."""
 HELD_IDLE_PING_SECONDS = 1.0
 """A held connection idle longer than this goes back to the pool, which pings it on checkout."""
 
@@ -80,6 +82,28 @@ class Inbox:
     topic: str | None = None
     partition: int | None = None
     offset: int | None = None
+
+
+@dataclass
+class DbClock:
+    """The database's time, read once and advanced by this host's monotonic clock.
+
+    Anchored when the read returns, so it runs at most one round trip behind the database,
+    never ahead of it.
+    """
+
+    anchor: datetime
+    started: float
+
+    @classmethod
+    def at(cls, db_now: datetime) -> DbClock:
+        return cls(db_now, time.monotonic())
+
+    def now(self) -> datetime:
+        return self.anchor + timedelta(seconds=self.age())
+
+    def age(self) -> float:
+        return time.monotonic() - self.started
 
 
 class _Held(threading.local):
@@ -368,6 +392,7 @@ class Store:
         self.default_topic = default_topic
         self.dialect = self.engine.dialect.name
         self._held = _Held()
+        self._clock: DbClock | None = None
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -486,6 +511,14 @@ class Store:
     def db_now(self) -> datetime:
         with self._connect() as conn:
             return _as_datetime(conn.execute(select(tables.utc_now())).scalar_one())
+
+    def db_time(self) -> datetime:
+        """The database's time without a query each call: a reading at most a few seconds
+        old, advanced by the monotonic clock. For timestamps, not for lease decisions."""
+        clock = self._clock
+        if clock is None or clock.age() > DB_CLOCK_SECONDS:
+            clock = self._clock = DbClock.at(self.db_now())
+        return clock.now()
 
     # -- writes ---------------------------------------------------------------------------
 
