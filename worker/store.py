@@ -320,11 +320,12 @@ def changed_machine_values(before: Machine, after: Machine) -> dict[str, Any]:
     Fewer columns mean a shorter UPDATE to build, escape and send, and a column an operator
     changed meanwhile (a forced lock release) is not written back with an old value.
     """
-    return {
-        column: value(after)
-        for column, value in _MACHINE_COLUMNS
-        if column in _ALWAYS_WRITTEN or value(after) != value(before)
-    }
+    changed = {}
+    for column, value in _MACHINE_COLUMNS:
+        new = value(after)
+        if column in _ALWAYS_WRITTEN or new != value(before):
+            changed[column] = new
+    return changed
 
 
 def history_from_row(row: Row[Any]) -> HistoryEntry:
