@@ -51,6 +51,7 @@ def configure(log_format: str = "auto", level: str = "info") -> None:
     )
     structlog.configure(
         processors=[
+            structlog.stdlib.filter_by_level,  # a disabled level costs no further processing
             *shared,
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
