@@ -225,9 +225,9 @@ class Bench:
             f"{per_step(counts.commits, result.steps)} commits + "
             f"{per_step(counts.rollbacks + counts.pool_rollbacks, result.steps)} rollbacks + "
             f"{per_step(counts.pings, result.steps)} pre-pings (one per pool checkout); raw "
-            "sends 3 statements + 1 commit. Per machine the engine also claims and starts "
-            f"(one transaction per {self.args.claim_limit} machines: this type takes no "
-            "locks), so 5 steps cost about 5.25 commits."
+            "sends 3 statements + 1 commit. Per machine the engine also claims (one "
+            f"transaction per {self.args.claim_limit} machines; this type takes no locks, so "
+            "its start commits with its first step): 5 steps cost about 5.25 commits."
         )
         self.report.notes.append(
             "server-side cross-check (SHOW GLOBAL STATUS deltas / steps; they include every "

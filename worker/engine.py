@@ -136,10 +136,12 @@ class Engine:
         committed = claimed.machine
         machine = committed
         carried: tuple[Any, ...] = ()
-        if claimed.started is not None:
-            self._observed(machine, claimed.started)
-            if not machine.lease_owner:
-                return machine
+        start = claimed.start
+        if start is not None and not start.continue_now:
+            self._observed(machine, start)  # written by the claim
+            return machine
+        if start is not None:
+            machine, carried = start.machine, start.history
         if self.in_flight is not None:
             self.in_flight.add(machine)
         try:

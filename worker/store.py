@@ -121,8 +121,9 @@ class Claimed:
 
     machine: Machine
     db_now: datetime
-    started: Decision | None = None
-    """The start decision, when the claim also started the machine (types without locks)."""
+    start: Decision | None = None
+    """The start the claim decided (types without locks): written already unless it runs on
+    at once (`continue_now`), in which case the engine commits it with the first step."""
 
 
 def make_engine(url: str, *, pool_size: int = 10) -> Engine:
@@ -626,8 +627,10 @@ class Store:
     ) -> list[Claimed]:
         """Lease up to `limit` due machines of a type that no live lease holds.
 
-        A new or waiting machine of a type without locks is started in the same transaction
-        (there is no lock to take, only the type lock to check), which saves it a transaction.
+        A new or waiting machine of a type without locks has no lock to take, only the type
+        lock to check, so its start is decided here. If it runs its first step at once, the
+        engine commits the start with that step; otherwise (it waits, or its type runs steps
+        later) the start is written in this transaction.
         """
         table = self.table(type_name)
         definition = self.registry.get_type(type_name)
@@ -640,23 +643,28 @@ class Store:
             if not rows:
                 return []
             db_now = _as_datetime(rows[0].db_now)
+            at = Happening(now=db_now, worker_id=worker_id)
             machines = [machine_from_row(type_name, r).evolve(lease_owner=worker_id) for r in rows]
-            starting = [m for m in machines if _starts_in_claim(m, definition)]
-            leased = [m for m in machines if not _starts_in_claim(m, definition)]
+            starting = {m.id for m in machines if _starts_in_claim(m, definition)}
+            asleep = locks.type_lock_blocker(conn, definition) if starting else (None, None)
+            runs_now = asleep[0] is None and definition.execute_synchronously
+            written_now = [m for m in machines if m.id in starting and not runs_now]
+            leased = [m.evolve(version=m.version + 1) for m in machines if m not in written_now]
             claimed = []
             if leased:
                 conn.execute(
                     _claim_update(table),
                     {"ids": [m.id for m in leased], "owner": worker_id, "lease_ms": lease_ms},
                 )
-                claimed = [Claimed(m.evolve(version=m.version + 1), db_now) for m in leased]
-            if starting:
-                asleep = locks.type_lock_blocker(conn, definition)
-                at = Happening(now=db_now, worker_id=worker_id)
-                for machine in starting:
-                    decision = _start_decision(machine, definition, at, asleep, recheck_seconds)
-                    written = self._apply(conn, machine, decision, lease_seconds)
-                    claimed.append(Claimed(written, db_now, started=decision))
+            for machine in leased:
+                start = None
+                if machine.id in starting:
+                    start = _start_decision(machine, definition, at, asleep, recheck_seconds)
+                claimed.append(Claimed(machine, db_now, start=start))
+            for machine in written_now:
+                start = _start_decision(machine, definition, at, asleep, recheck_seconds)
+                written = self._apply(conn, machine, start, lease_seconds)
+                claimed.append(Claimed(written, db_now, start=start))
             return claimed
 
         return self.run(work)

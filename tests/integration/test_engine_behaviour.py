@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from sqlalchemy import event
 
 from tests.conftest import ROOT, make_store
 from tests.engine_machines import HOOK_CALLS, scripted, scripted_async, scripted_batched
@@ -71,6 +72,18 @@ def test_forward_runs_every_step_in_order_and_persists_each_transition(store: St
     assert history[2].input_data == {"order": 7}
     assert history[2].output_data == {"order": 7, "one_done": True, "trail": ["one"]}
     assert all(h.worker_id == "w" for h in history[1:])
+
+
+def test_a_machine_without_locks_commits_its_start_with_its_first_step(store: Store) -> None:
+    m = start(store, {"order": 1})
+    commits: list[int] = []
+    event.listen(store.engine, "commit", lambda conn: commits.append(1))
+    assert Engine(store, worker_id="w").run_one("scripted", m.id)
+    assert store.load("scripted", m.id).state is State.COMPLETED
+    assert len(commits) == 1 + 5, "the claim, then one transaction per step"
+    history = store.history("scripted", m.id)
+    assert [h.event for h in history[1:3]] == ["started", "step_succeeded"]
+    assert history[1].occurred_at <= history[2].occurred_at
 
 
 def test_retry_is_a_durable_timer_and_the_step_runs_again_when_due(store: Store) -> None:
