@@ -52,6 +52,7 @@ CHECK_TIMEOUT = 10.0
 CONSUMER_CLOSE_SECONDS = 30.0
 FINAL_RELAY_BATCHES = 20
 FAST_PATH_SIZE = 10_000
+RELAY_BUSY_WAIT_SECONDS = 0.02
 
 
 # -- the process ---------------------------------------------------------------------------
@@ -338,7 +339,11 @@ class Daemon:
                 continue
             failures = 0
             self.tally.add("events_published", published)
-            if published == 0:
+            if self.relay.busy_elsewhere:
+                # Another worker's relay holds the lock and publishes every worker's events;
+                # waking on each local commit would only send empty transactions.
+                self.drained.wait(RELAY_BUSY_WAIT_SECONDS)
+            elif published == 0:
                 ready.wait(self.settings.poll_interval / 2)
 
     def _sample(self) -> None:

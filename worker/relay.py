@@ -46,6 +46,8 @@ class OutboxRelay:
         self.retention_seconds = retention_seconds
         self.prune_batch = prune_batch
         self.flush_timeout = flush_timeout
+        self.busy_elsewhere = False
+        """Whether the last `publish_batch` found another relay holding the lock."""
 
     def publish_batch(self) -> int:
         """Publish up to `batch_size` events; 0 if none are waiting or another relay is busy.
@@ -59,6 +61,7 @@ class OutboxRelay:
         holder = conn.execute(
             select(relay.c.Name).where(relay.c.Name == RELAY_NAME).with_for_update(skip_locked=True)
         ).first()
+        self.busy_elsewhere = holder is None
         if holder is None:
             return 0
         o = tables.outbox

@@ -336,7 +336,9 @@ def test_only_the_relay_holding_the_relay_lock_publishes(stack: Stack) -> None:
     with stack.db.connect() as other, other.begin():
         other.execute(sa.select(tables.outbox_relay).with_for_update())
         assert relay.publish_batch() == 0
+        assert relay.busy_elsewhere
     assert relay.publish_batch() == 3
+    assert not relay.busy_elsewhere
     assert [p.key for p in sink.published] == ["m0", "m1", "m2"]
     store.engine.dispose()
 
