@@ -13,12 +13,14 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from functools import cache
+from functools import cache, lru_cache
 from operator import attrgetter
 from typing import Any, TypeVar
 
 from sqlalchemy import (
     Connection,
+    CursorResult,
+    Dialect,
     Engine,
     Insert,
     Row,
@@ -174,18 +176,55 @@ def _machine_insert(table: Table) -> Insert:
     return insert(table).values(NextRunTimestamp=tables.utc_now())
 
 
-def _insert_rows(conn: Connection, statement: Insert, rows: list[dict[str, Any]]) -> None:
-    """One row as a plain execute, several as executemany; statements are built once."""
-    conn.execute(statement, rows[0] if len(rows) == 1 else rows)
+@dataclass(frozen=True)
+class _Compiled:
+    """A Core statement compiled once for one dialect and one set of parameter names."""
+
+    sql: str
+    names: tuple[str, ...]
+    processors: tuple[Callable[[Any], Any] | None, ...]
+
+    def values(self, row: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(
+            row[name] if process is None else process(row[name])
+            for name, process in zip(self.names, self.processors, strict=True)
+        )
+
+
+@lru_cache(maxsize=512)
+def _compiled(statement: Insert | Update, keys: tuple[str, ...], dialect: Dialect) -> _Compiled:
+    compiled = statement.compile(dialect=dialect, column_keys=list(keys))
+    names = tuple(compiled.positiontup or ())
+    processors = tuple(
+        compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names
+    )
+    return _Compiled(compiled.string, names, processors)
+
+
+def _execute_hot(
+    conn: Connection, statement: Insert | Update, rows: list[dict[str, Any]]
+) -> CursorResult[Any]:
+    """Run a statement every step sends (machine UPDATE, history, outbox and inbox INSERTs).
+
+    Core builds and compiles it once per set of parameter names; each call then sends its
+    SQL through `exec_driver_sql`, which keeps the transaction, the events and the error
+    translation but skips the per-call execution context, parameter processing and result
+    metadata of `Connection.execute`: a third of the engine's CPU per step when profiled.
+    Several rows go as one executemany.
+    """
+    prepared = _compiled(statement, tuple(rows[0]), conn.dialect)
+    if len(rows) == 1:
+        return conn.exec_driver_sql(prepared.sql, prepared.values(rows[0]))
+    return conn.exec_driver_sql(prepared.sql, [prepared.values(row) for row in rows])
 
 
 @cache
 def _machine_update(table: Table, *, extends_lease: bool, unlocks: bool, guarded: bool) -> Update:
     """The fenced UPDATE that `Store._apply` runs, built once per table and shape.
 
-    The changed columns arrive as execute parameters (SQLAlchemy compiles one SET clause per
-    set of parameter names, and caches it). Building the UPDATE with `.values(...)` and
-    computing its cache key on every transition costs more client CPU than its round trip.
+    The changed columns arrive as parameters, and `_execute_hot` compiles one SET clause per
+    set of parameter names, once. Building the UPDATE with `.values(...)` on every
+    transition would cost more client CPU than its round trip.
     """
     statement = update(table).where(
         table.c.ID == bindparam("fence_id"), table.c.Version == bindparam("fence_version")
@@ -528,18 +567,21 @@ class Store:
         # No savepoint: a duplicate aborts the whole transaction anyway (the error leaves
         # `work` and `run` rolls back), and SAVEPOINT/RELEASE would cost two round trips.
         try:
-            conn.execute(
+            _execute_hot(
+                conn,
                 _INBOX_INSERT,
-                {
-                    "CommandID": inbox.command_id,
-                    "Command": inbox.command,
-                    "StateMachineType": inbox.machine_type,
-                    "StateMachineID": inbox.machine_id,
-                    "Outcome": outcome,
-                    "KafkaTopic": inbox.topic,
-                    "KafkaPartition": inbox.partition,
-                    "KafkaOffset": inbox.offset,
-                },
+                [
+                    {
+                        "CommandID": inbox.command_id,
+                        "Command": inbox.command,
+                        "StateMachineType": inbox.machine_type,
+                        "StateMachineID": inbox.machine_id,
+                        "Outcome": outcome,
+                        "KafkaTopic": inbox.topic,
+                        "KafkaPartition": inbox.partition,
+                        "KafkaOffset": inbox.offset,
+                    }
+                ],
             )
         except IntegrityError as exc:
             raise DuplicateCommandError(inbox.command_id) from exc
@@ -549,9 +591,9 @@ class Store:
     ) -> None:
         if not entries:
             return
-        _insert_rows(conn, _HISTORY_INSERT, [_history_values(e) for e in entries])
+        _execute_hot(conn, _HISTORY_INSERT, [_history_values(e) for e in entries])
         topic = self.topic_for(machine)
-        _insert_rows(
+        _execute_hot(
             conn,
             _OUTBOX_INSERT,
             [
@@ -580,7 +622,8 @@ class Store:
             values = machine_values(machine)
             del values["NextRunTimestamp"]  # the database's time, set by the statement
             try:
-                conn.execute(_machine_insert(table), {"ID": machine.id, "Version": 1, **values})
+                row = {"ID": machine.id, "Version": 1, **values}
+                _execute_hot(conn, _machine_insert(table), [row])
             except IntegrityError as exc:
                 raise DuplicateMachineError(machine.machine_type, machine.id) from exc
             self._write_history(conn, machine, decision.history)
@@ -728,7 +771,7 @@ class Store:
         statement = _machine_update(
             table, extends_lease=decision.continue_now, unlocks=unlocks, guarded=not clears_request
         )
-        written = conn.execute(statement, params)
+        written = _execute_hot(conn, statement, [params])
         request = None
         if written.rowcount == 0:
             row = conn.execute(

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -83,27 +84,34 @@ step_runs = sa.Table(
 
 @dataclass(frozen=True)
 class Statement:
-    """What one executed statement was: its verb, table, parameter rows and bound values."""
+    """What one executed statement was: its verb, table and the strings it bound."""
 
     verb: str
     table: str
-    rows: tuple[dict[str, Any], ...]
     values: frozenset[str]
     skip_locked: bool
 
 
+_DRIVER_SQL = re.compile(r"^\s*(INSERT INTO|UPDATE)\s+`?(\w+)`?", re.IGNORECASE)
+
+
 def describe(element: Any, multiparams: Any, params: Any) -> Statement:
+    """A Core statement, or the SQL text the store sends for its per-step statements."""
+    values = set(_strings(_dicts_and_tuples(multiparams)))
+    values.update(_strings(_dicts_and_tuples(params)))
+    if isinstance(element, str):
+        found = _DRIVER_SQL.match(element)
+        if found is None:
+            return Statement("other", "", frozenset(values), skip_locked=False)
+        verb = "insert" if found.group(1).upper().startswith("INSERT") else "update"
+        return Statement(verb, found.group(2), frozenset(values), skip_locked=False)
     verb = {Insert: "insert", Update: "update", Select: "select"}.get(type(element), "other")
     table = ""
     if isinstance(element, Insert | Update):
         table = element.table.name  # type: ignore[union-attr]
     elif isinstance(element, Select):
-        found = {node.name for node in visitors.iterate(element) if isinstance(node, sa.Table)}
-        table = ",".join(sorted(found))
-    rows = tuple(_dicts(multiparams)) + tuple(_dicts(params))
-    values: set[str] = set()
-    for row in rows:
-        values.update(_strings(row.values()))
+        found_tables = {n.name for n in visitors.iterate(element) if isinstance(n, sa.Table)}
+        table = ",".join(sorted(found_tables))
     if verb != "other":
         bound = [
             node.value
@@ -113,15 +121,19 @@ def describe(element: Any, multiparams: Any, params: Any) -> Statement:
         values.update(_strings(bound))
     for_update = getattr(element, "_for_update_arg", None)
     skip_locked = for_update is not None and bool(for_update.skip_locked)
-    return Statement(verb, table, rows, frozenset(values), skip_locked)
+    return Statement(verb, table, frozenset(values), skip_locked)
 
 
-def _dicts(value: Any) -> Iterator[dict[str, Any]]:
+def _dicts_and_tuples(value: Any) -> Iterator[Any]:
+    """Every parameter value, from a dict, a tuple, or a list of either."""
     if isinstance(value, dict):
-        yield value
+        yield from value.values()
     elif isinstance(value, list | tuple):
         for item in value:
-            yield from _dicts(item)
+            if isinstance(item, dict | list | tuple):
+                yield from _dicts_and_tuples(item)
+            else:
+                yield item
 
 
 def _strings(values: Any) -> Iterator[str]:
@@ -132,14 +144,13 @@ def _strings(values: Any) -> Iterator[str]:
             yield from _strings(value)
 
 
-def _history_row(statements: list[Statement], machine_id: str, **wanted: str) -> bool:
+def _history_row(statements: list[Statement], machine_id: str, *wanted: str) -> bool:
+    """A history INSERT for the machine that bound every wanted string (event, handler...)."""
     return any(
         s.verb == "insert"
         and s.table == tables.history.name
-        and any(
-            r.get("StateMachineID") == machine_id and all(r.get(k) == v for k, v in wanted.items())
-            for r in s.rows
-        )
+        and machine_id in s.values
+        and all(v in s.values for v in wanted)
         for s in statements
     )
 
@@ -151,7 +162,7 @@ def matches(point: str, machine_id: str, statements: list[Statement]) -> bool:
         return any(
             s.verb == "insert"
             and s.table == tables.processed_command.name
-            and any(r.get("StateMachineID") == machine_id for r in s.rows)
+            and machine_id in s.values
             for s in statements
         )
     if point == "claim":
@@ -161,11 +172,11 @@ def matches(point: str, machine_id: str, statements: list[Statement]) -> bool:
             for s in statements
         )
     if point == "start":
-        return _history_row(statements, machine_id, Event="started")
+        return _history_row(statements, machine_id, "started")
     if point == "step":
-        return _history_row(statements, machine_id, Event="step_succeeded", Handler="step2")
+        return _history_row(statements, machine_id, "step_succeeded", "step2")
     if point == "terminal":
-        return _history_row(statements, machine_id, ToState="completed")
+        return _history_row(statements, machine_id, "completed")
     if point == "relay":
         return any(s.verb == "update" and s.table == tables.outbox.name for s in statements)
     raise ValueError(point)
@@ -199,7 +210,7 @@ class Faults:
         self.injected: list[Armed] = []
         self.errors: list[str] = []
         event.listen(engine, "begin", self._begin)
-        event.listen(engine, "after_execute", self._after_execute)
+        event.listen(engine, "after_cursor_execute", self._after_cursor_execute)
         event.listen(engine, "commit", self._commit)
         real_commit = engine.dialect.do_commit
 
@@ -235,11 +246,19 @@ class Faults:
     def _begin(self, conn: sa.Connection) -> None:
         conn.info["fault_statements"] = []
 
-    def _after_execute(self, conn: sa.Connection, element: Any, *args: Any) -> None:
-        multiparams, params = args[0], args[1]
+    def _after_cursor_execute(
+        self, conn: sa.Connection, cursor: Any, statement: str, parameters: Any, *args: Any
+    ) -> None:
+        """Every statement sent, Core-built or the store's pre-compiled per-step SQL."""
+        del cursor
+        context = args[0]
         statements = conn.info.setdefault("fault_statements", [])
+        compiled = getattr(context, "compiled", None)
         try:
-            statements.append(describe(element, multiparams, params))
+            if compiled is not None:
+                statements.append(describe(compiled.statement, context.compiled_parameters, {}))
+            else:
+                statements.append(describe(statement, parameters, {}))
         except Exception as exc:  # noqa: BLE001  # the injector must never break the worker
             self.errors.append(f"{type(exc).__name__}: {exc}")
             return
