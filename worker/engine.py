@@ -76,35 +76,29 @@ class Engine:
 
     def run_due(self, *, limit: int = 16, machine_type: str | None = None) -> int:
         """Claim and run every due machine (up to `limit` per type); returns how many ran."""
-        ran = 0
         names = [machine_type] if machine_type else list(self.registry)
         with self.store.holding_connection():
-            for name in names:
-                claimed = self.store.claim(
-                    name,
-                    self.worker_id,
-                    self.lease_seconds,
-                    limit=limit,
-                    recheck_seconds=self.lock_recheck_seconds,
-                )
-                for item in claimed:
-                    self.run_claimed(item)
-                    ran += 1
-        return ran
+            return sum(self._claim_and_run(name, limit=limit) for name in names)
 
     def run_one(self, machine_type: str, machine_id: str) -> bool:
         """Claim and run one machine if it is due and free; the fast path for new work."""
         with self.store.holding_connection():
-            claimed = self.store.claim(
-                machine_type,
-                self.worker_id,
-                self.lease_seconds,
-                machine_id=machine_id,
-                recheck_seconds=self.lock_recheck_seconds,
-            )
-            for item in claimed:
-                self.run_claimed(item)
-        return bool(claimed)
+            return self._claim_and_run(machine_type, machine_id=machine_id) > 0
+
+    def _claim_and_run(
+        self, machine_type: str, *, limit: int = 1, machine_id: str | None = None
+    ) -> int:
+        claimed = self.store.claim(
+            machine_type,
+            self.worker_id,
+            self.lease_seconds,
+            limit=limit,
+            machine_id=machine_id,
+            recheck_seconds=self.lock_recheck_seconds,
+        )
+        for item in claimed:
+            self.run_claimed(item)
+        return len(claimed)
 
     def run_until_idle(self, *, wait_for_timers: bool = False, max_wait: float = 60.0) -> int:
         """Run until nothing is due. With `wait_for_timers`, also wait out scheduled retries.
