@@ -461,16 +461,15 @@ class Store:
         if conn is not None:
             conn.close()
 
-    def _held_connection(self) -> tuple[Connection, bool]:
-        """The thread's held connection, and whether it was used before (so may be stale)."""
+    def _held_connection(self) -> Connection:
+        """The thread's held connection; one idle too long goes back to the pool first."""
         now = time.monotonic()
         if self._held.conn is not None and now - self._held.last_used > HELD_IDLE_PING_SECONDS:
             self._drop_held()  # the next checkout pings it
-        reused = self._held.conn is not None
         if self._held.conn is None:
             self._held.conn = self.engine.connect()
         self._held.last_used = now
-        return self._held.conn, reused
+        return self._held.conn
 
     @contextmanager
     def _connect(self) -> Iterator[Connection]:
@@ -479,7 +478,7 @@ class Store:
                 with self.engine.connect() as conn:
                     yield conn
                 return
-            conn, _ = self._held_connection()
+            conn = self._held_connection()
             try:
                 yield conn
             finally:
