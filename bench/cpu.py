@@ -7,8 +7,9 @@ than wall time does. Server processes are found only when they run on this host.
 from __future__ import annotations
 
 import os
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,3 +62,42 @@ class CpuMeter:
         for name, seconds in after.others.items():
             spent[name] = seconds - before.others.get(name, seconds)
         return spent
+
+
+def timed_threads(
+    workers: Sequence[Callable[[threading.Barrier], None]],
+    meter: CpuMeter,
+    *,
+    on_start: Callable[[], None] | None = None,
+) -> tuple[float, dict[str, float]]:
+    """Run each worker on a thread of its own; wall seconds and CPU from the moment every
+    worker has set itself up and waited on the barrier it is given, until the last ends.
+
+    `on_start` runs as the clock starts. A worker's failure aborts the barrier and is
+    raised here once every thread has ended.
+    """
+    ready = threading.Barrier(len(workers) + 1)
+    errors: list[BaseException] = []
+
+    def guarded(worker: Callable[[threading.Barrier], None]) -> None:
+        try:
+            worker(ready)
+        except Exception as exc:  # noqa: BLE001  # re-raised by the caller's thread below
+            ready.abort()
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(w,)) for w in workers]
+    for thread in threads:
+        thread.start()
+    ready.wait()
+    if on_start is not None:
+        on_start()
+    cpu_before = meter.snapshot()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    seconds = time.perf_counter() - started
+    cpu = meter.used(cpu_before, meter.snapshot())
+    if errors:
+        raise errors[0]
+    return seconds, cpu

@@ -7,14 +7,14 @@ Store's engine while the clock runs, so round trips per step are measured, not e
 from __future__ import annotations
 
 import threading
-import time
+from functools import partial
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.pool import PoolResetState
 from sqlalchemy.pool.base import reset_rollback
 
-from bench.cpu import CpuMeter
+from bench.cpu import CpuMeter, timed_threads
 from bench.database import BenchDatabase
 from bench.machines import STEPS
 from bench.raw import RunResult
@@ -102,36 +102,25 @@ def run(
     counts = RoundTrips(store)
     _warm(store, concurrency)
     target_count = len(ids)
-    errors: list[BaseException] = []
-    ready = threading.Barrier(concurrency + 1)
 
-    def loop(number: int) -> None:
+    def loop(number: int, ready: threading.Barrier) -> None:
         # Each machine runs to completion once claimed, so a thread that finds nothing due
         # is done: whatever is left is leased by the other threads.
         engine = Engine(store, worker_id=f"bench-{number}")
-        try:
-            ready.wait()
-            while engine.run_due(limit=claim_limit):
-                pass
-        except Exception as exc:  # noqa: BLE001  # the caller re-raises a thread's failure
-            ready.abort()
-            errors.append(exc)
+        ready.wait()
+        while engine.run_due(limit=claim_limit):
+            pass
 
-    threads = [threading.Thread(target=loop, args=(i,)) for i in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    ready.wait()
-    counts.counting = True
-    cpu_before = meter.snapshot()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - started
-    cpu = meter.used(cpu_before, meter.snapshot())
-    counts.counting = False
-    store.engine.dispose()
-    if errors:
-        raise errors[0]
+    def start_counting() -> None:
+        counts.counting = True
+
+    try:
+        seconds, cpu = timed_threads(
+            [partial(loop, i) for i in range(concurrency)], meter, on_start=start_counting
+        )
+    finally:
+        counts.counting = False
+        store.engine.dispose()
     completed = db.count_state("completed")
     if completed != target_count:
         raise RuntimeError(f"engine: {completed} of {target_count} machines completed")

@@ -13,9 +13,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
-from bench.cpu import CpuMeter
+from bench.cpu import CpuMeter, timed_threads
 from bench.database import BenchDatabase
 from bench.machines import STEP_NAMES, bench_saga
 from worker import tables
@@ -181,30 +182,11 @@ def run(
     loaded = _load(db, ids)
     work = [(machine_id, *loaded[machine_id]) for machine_id in ids]
     done: list[int] = []
-    errors: list[BaseException] = []
-    ready = threading.Barrier(concurrency + 1)
-
-    def target(part: list[tuple[str, str, dict[str, Any], int]], number: int) -> None:
-        try:
-            _run_machines(db, part, f"raw-{number}", done, ready)
-        except Exception as exc:  # noqa: BLE001  # the caller re-raises a thread's failure
-            ready.abort()
-            errors.append(exc)
-
-    threads = [
-        threading.Thread(target=target, args=(work[i::concurrency], i)) for i in range(concurrency)
+    workers = [
+        partial(_run_machines, db, work[i::concurrency], f"raw-{i}", done)
+        for i in range(concurrency)
     ]
-    for thread in threads:
-        thread.start()
-    ready.wait()
-    cpu_before = meter.snapshot()
-    started = time.perf_counter()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - started
-    cpu = meter.used(cpu_before, meter.snapshot())
-    if errors:
-        raise errors[0]
+    seconds, cpu = timed_threads(workers, meter)
     steps = len(done) * len(STEP_NAMES)
     return RunResult(
         machines=len(done),

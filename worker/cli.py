@@ -235,6 +235,18 @@ def format_option(*choices: str) -> Callable[[F], F]:
     )
 
 
+def audit_options(verb: str) -> Callable[[F], F]:
+    """--actor and --reason, both required: an operator action is recorded in the audit log."""
+
+    def decorate(func: F) -> F:
+        func = click.option("--reason", required=True, help="Why; recorded in the audit log.")(func)
+        return click.option(
+            "--actor", required=True, help=f"Who {verb} it; recorded in the audit log."
+        )(func)
+
+    return decorate
+
+
 def echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str))
 
@@ -668,8 +680,7 @@ def locks_list(output_format: str, **options: Any) -> None:
 @locks.command("release")
 @click.argument("lookup_key")
 @database_options
-@click.option("--actor", required=True, help="Who releases it; recorded in the audit log.")
-@click.option("--reason", required=True, help="Why; recorded in the audit log.")
+@audit_options("releases")
 def locks_release(lookup_key: str, actor: str, reason: str, **options: Any) -> None:
     """Release every lock on LOOKUP_KEY by force; the next waiting machine starts."""
     from worker import operations  # noqa: PLC0415
@@ -698,8 +709,7 @@ def type_lock() -> None:
     help="reject: refuse new machines; sleep: new machines wait until the lock lifts.",
 )
 @click.option("--until", help="When the lock lifts, ISO 8601 (UTC if no zone); default: never.")
-@click.option("--actor", required=True, help="Who sets it; recorded in the audit log.")
-@click.option("--reason", required=True, help="Why; recorded in the audit log.")
+@audit_options("sets")
 def type_lock_set(
     machine_type: str, kind: str, until: str | None, actor: str, reason: str, **options: Any
 ) -> None:
@@ -718,8 +728,7 @@ def type_lock_set(
 @type_lock.command("clear")
 @click.argument("machine_type")
 @database_options
-@click.option("--actor", required=True, help="Who clears it; recorded in the audit log.")
-@click.option("--reason", required=True, help="Why; recorded in the audit log.")
+@audit_options("clears")
 def type_lock_clear(machine_type: str, actor: str, reason: str, **options: Any) -> None:
     """Lift the lock on MACHINE_TYPE; machines that slept on it become due at once."""
     from worker import operations  # noqa: PLC0415

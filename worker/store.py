@@ -690,8 +690,12 @@ class Store:
             starting = {m.id for m in machines if _starts_in_claim(m, definition)}
             asleep = locks.type_lock_blocker(conn, definition) if starting else (None, None)
             runs_now = asleep[0] is None and definition.execute_synchronously
-            written_now = [m for m in machines if m.id in starting and not runs_now]
-            leased = [m.evolve(version=m.version + 1) for m in machines if m not in written_now]
+            written_now = [] if runs_now else [m for m in machines if m.id in starting]
+            leased = [
+                m.evolve(version=m.version + 1)
+                for m in machines
+                if runs_now or m.id not in starting
+            ]
             claimed = []
             if leased:
                 conn.execute(

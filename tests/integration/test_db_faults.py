@@ -427,16 +427,14 @@ def rig() -> Iterator[Rig]:
         admin.dispose()
 
 
-def reruns_expected(point: str, kind: str) -> dict[int, int]:
-    """How often each step runs: once, whatever the fault.
+EACH_STEP_ONCE = dict.fromkeys(range(STEPS), 1)
+"""How often each step runs, whatever the fault.
 
-    A transaction on a connection held across a machine's run (start, step, terminal) that
-    dies is tried once more on a new connection, so a lost or killed transition commits
-    without running its step again; after a lost COMMIT that did land, the retry's fenced
-    UPDATE finds the version moved and the engine leaves the machine to the next claim.
-    """
-    del point, kind
-    return dict.fromkeys(range(STEPS), 1)
+A transaction on a connection held across a machine's run (start, step, terminal) that dies
+is tried once more on a new connection, so a lost or killed transition commits without
+running its step again; after a lost COMMIT that did land, the retry's fenced UPDATE finds
+the version moved and the engine leaves the machine to the next claim.
+"""
 
 
 @pytest.mark.timeout(120)
@@ -487,7 +485,7 @@ def test_a_connection_fault_at_a_commit_point_loses_nothing_and_repeats_nothing(
         ).one()
     assert [r.Event for r in rows] == PLAIN_HISTORY
     assert [r.Sequence for r in rows] == list(range(1, len(PLAIN_HISTORY) + 1))
-    assert dict(runs) == reruns_expected(point, kind)
+    assert dict(runs) == EACH_STEP_ONCE
     assert [r.CommandID for r in inbox] == [command_id]
     assert locked.UnlockedTimestamp is not None, "the lock was never released"
     assert locked.LeaseOwner is None
